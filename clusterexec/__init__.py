@@ -1,0 +1,37 @@
+"""clusterexec: a `concurrent.futures` executor whose workers run on other machines.
+
+    from clusterexec import ClusterExecutor
+    with ClusterExecutor("head-node:7070") as ex:      # or ClusterExecutor(max_workers=4) for local mode
+        results = list(ex.map(simulate, parameters))
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AuthenticationError,
+    ClusterError,
+    ClusterUnavailable,
+    InitializerError,
+    ProtocolError,
+    RemoteError,
+    SerializationError,
+    VersionMismatch,
+    WorkerLostError,
+)
+from .executor import ClusterExecutor  # noqa: E402
+from .master import DEFAULT_PORT  # noqa: E402
+
+__all__ = [
+    "DEFAULT_PORT",
+    "AuthenticationError",
+    "ClusterError",
+    "ClusterExecutor",
+    "ClusterUnavailable",
+    "InitializerError",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "VersionMismatch",
+    "WorkerLostError",
+    "__version__",
+]

@@ -1,0 +1,468 @@
+"""The client's connection to the master and the one thread that owns it.
+
+    caller threads                          IO thread ("clusterexec-client")
+    submit(): pickle in the caller ──▶ outbox ──wake──▶ one "submit" frame for everything queued
+    Future.cancel() ──▶ unsent: cancelled here                 │
+                   └──▶ sent: cancel request ────────────────▶ │ ──TCP──▶ master
+    Future ◀── set_running / set_result / set_exception ◀───── │ ◀──TCP── started / results / cancel_reply
+
+Callers never touch the socket; the IO thread never pickles user objects (it only unpickles results). A task
+stays in `pending` with its payload until its Future resolves, so nothing is lost while it is in flight.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import platform
+import selectors
+import socket
+import threading
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import Any
+
+import cloudpickle
+
+from . import __version__
+from . import protocol as P
+from . import serialization as S
+from .errors import ClusterUnavailable, InitializerError, RemoteError, SerializationError, WorkerLostError
+
+log = logging.getLogger("clusterexec.client")
+
+UNSENT, SENT, CANCELLED_HERE, DONE = range(4)
+_MAX_IOV = 512
+
+
+class PartialChunk:
+    """Outcome of a map chunk whose item raised: the values before it, then the exception."""
+
+    __slots__ = ("values", "error")
+
+    def __init__(self, values: list[Any], error: BaseException):
+        self.values = values
+        self.error = error
+
+
+class ClusterFuture(Future):
+    """A Future whose `cancel()` asks the cluster, so it succeeds only if the task has not started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cx_record: _Record | None = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+        record = self._cx_record
+        if record is not None and not record.conn.cancel([record])[0]:
+            return False
+        return super().cancel()
+
+
+class _Record:
+    __slots__ = ("id", "future", "task", "state", "chunk", "conn")
+
+    def __init__(self, conn: ClientConnection, task_id: int, future: ClusterFuture, task: P.Task, chunk: bool):
+        self.conn = conn
+        self.id = task_id
+        self.future = future
+        self.task = task
+        self.state = UNSENT
+        self.chunk = chunk
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("the master closed the connection during the handshake "
+                                  "(is this a clusterexec master, and does it accept our key?)")
+        buf += part
+    return bytes(buf)
+
+
+class ClientConnection:
+    """One authenticated connection to a master, its IO thread, and the Futures in flight on it."""
+
+    def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0):
+        self.address = address
+        host, port = address
+        try:
+            sock = socket.create_connection(address, timeout=connect_timeout)
+        except OSError as e:
+            raise ClusterUnavailable(
+                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}. "
+                "Is `python -m clusterexec.master` running there, and is the port right?") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            my_challenge = P.new_challenge()
+            sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
+            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
+            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": name, "host": socket.gethostname(),
+                                         "pid": os.getpid(), "python": platform.python_version(),
+                                         "cloudpickle": cloudpickle.__version__, "version": __version__}))
+            self._reader = P.FrameReader()
+            welcome = None
+            while welcome is None:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the master closed the connection after authentication")
+                msgs = self._reader.feed(data)
+                if msgs:
+                    welcome = msgs[0].header
+            if welcome.get("t") != "welcome":
+                raise P.ProtocolError(f"expected a welcome from the master, got {welcome.get('t')!r}")
+        except TimeoutError:
+            sock.close()
+            raise ClusterUnavailable(f"the master at {host}:{port} did not answer within {connect_timeout} s") from None
+        except BaseException:
+            sock.close()
+            raise
+        self.client_id = welcome["id"]
+        self.procs = int(welcome.get("procs") or 0)
+        sock.settimeout(None)
+        sock.setblocking(False)
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._outbox: list[_Record] = []
+        self._cancel_out: list[tuple[int, list[int]]] = []
+        self._cancel_waiters: dict[int, tuple[threading.Event, list[set[int]]]] = {}
+        self._cancel_ids = itertools.count(1)
+        self._pending: dict[int, _Record] = {}
+        self._ids = itertools.count(1)
+        self._sent_blobs = P.BlobLRU()
+        self._wbuf: deque[memoryview] = deque()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._woken = False
+        self._stopping = False
+        self._close_when_idle = False
+        self._on_idle_close: list[Any] = []
+        self.broken: BaseException | None = None
+        self._idle = threading.Condition(self._lock)
+        self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ callers
+
+    def submit(self, deps: list[P.Blob], bufs: list[Any], opts: dict[str, Any] | None, chunk: bool = False,
+               future: ClusterFuture | None = None) -> ClusterFuture:
+        future = future or ClusterFuture()
+        with self._lock:
+            if self.broken is not None:
+                raise ClusterUnavailable(f"the connection to the master is gone: {self.broken}")
+            record = _Record(self, next(self._ids), future, P.Task(0, deps, bufs, opts), chunk)
+            future._cx_record = record
+            self._outbox.append(record)
+            self._wake_locked()
+        return future
+
+    def _wake_locked(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass
+
+    def cancel(self, records: list[_Record], timeout: float = 30.0) -> list[bool]:
+        """Cancel tasks that have not started. Returns one bool per record."""
+        answer: dict[int, bool] = {}
+        remote: list[_Record] = []
+        with self._lock:
+            for r in records:
+                if r.state == UNSENT:
+                    r.state = CANCELLED_HERE
+                    answer[r.id] = True
+                elif r.state == SENT and self.broken is None:
+                    remote.append(r)
+                else:
+                    answer[r.id] = r.state == CANCELLED_HERE
+            if remote and threading.current_thread() is self._thread:
+                # A done-callback cancelling another Future: we cannot wait for the master here.
+                for r in remote:
+                    answer[r.id] = False
+                remote = []
+            if remote:
+                req = next(self._cancel_ids)
+                event = threading.Event()
+                box: list[set[int]] = []
+                self._cancel_waiters[req] = (event, box)
+                self._cancel_out.append((req, [r.id for r in remote]))
+                self._wake_locked()
+        if remote:
+            if event.wait(timeout) and box:
+                cancelled = box[0]
+            else:
+                cancelled = set()
+            for r in remote:
+                answer[r.id] = r.id in cancelled
+        return [answer[r.id] for r in records]
+
+    def pending_futures(self) -> list[ClusterFuture]:
+        with self._lock:
+            return [r.future for r in self._outbox if r.state == UNSENT] + \
+                   [r.future for r in self._pending.values()]
+
+    def wait_idle(self) -> None:
+        """Block until every submitted task has resolved (or the connection broke)."""
+        with self._idle:
+            while (self._outbox or self._pending) and self.broken is None:
+                self._idle.wait(0.5)
+
+    def close(self, wait_idle: bool = False) -> None:
+        """Close now, or (wait_idle) once nothing is pending; pending Futures fail if closed under them."""
+        with self._lock:
+            if wait_idle:
+                self._close_when_idle = True
+            else:
+                self._stopping = True
+            self._wake_locked()
+        if not wait_idle and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+    def on_close(self, callback: Any) -> None:
+        self._on_idle_close.append(callback)
+
+    # ------------------------------------------------------------------------------------------ IO thread
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sock = self._sock
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        sel.register(sock, selectors.EVENT_READ, "sock")
+        writing = False
+        error: BaseException | None = None
+        try:
+            while True:
+                for key, mask in sel.select():
+                    if key.data == "wake":
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                        self._take_outbox()
+                    elif mask & selectors.EVENT_READ:
+                        try:
+                            data = sock.recv(1 << 20)
+                        except (BlockingIOError, InterruptedError):
+                            data = None
+                        if data == b"":
+                            raise ConnectionError("the master closed the connection")
+                        if data:
+                            self._handle(self._reader.feed(data))
+                if self._wbuf:
+                    self._write()
+                if bool(self._wbuf) != writing:
+                    writing = bool(self._wbuf)
+                    sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0), "sock")
+                with self._lock:
+                    if self._stopping:
+                        break
+                    if self._close_when_idle and not self._outbox and not self._pending and not self._wbuf:
+                        break
+        except (OSError, P.ProtocolError) as e:
+            error = e
+        except BaseException as e:  # a bug here must not leave Futures hanging
+            log.exception("clusterexec client thread failed")
+            error = e
+        finally:
+            sel.close()
+            self._shut(error)
+
+    def _shut(self, error: BaseException | None) -> None:
+        with self._lock:
+            reason = error or ConnectionError("the executor was shut down")
+            self.broken = reason
+            records = [r for r in self._outbox if r.state == UNSENT] + list(self._pending.values())
+            self._outbox.clear()
+            self._pending.clear()
+            waiters = list(self._cancel_waiters.values())
+            self._cancel_waiters.clear()
+            self._idle.notify_all()
+        for event, _ in waiters:
+            event.set()
+        try:
+            self._sock.close()
+        finally:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        if records:
+            if error is not None:
+                log.error("lost the connection to the master at %s:%s (%s); failing %d pending tasks",
+                          *self.address, error, len(records))
+            for r in records:
+                _set_exception(r.future, ClusterUnavailable(
+                    f"the connection to the master at {self.address[0]}:{self.address[1]} was lost before "
+                    f"this task finished ({reason})"))
+        for callback in self._on_idle_close:
+            try:
+                callback()
+            except Exception:
+                log.exception("error while stopping the local cluster")
+
+    def _take_outbox(self) -> None:
+        with self._lock:
+            self._woken = False
+            records = self._outbox
+            self._outbox = []
+            cancels = self._cancel_out
+            self._cancel_out = []
+            sending = []
+            for r in records:
+                if r.state == UNSENT:
+                    r.state = SENT
+                    self._pending[r.id] = r
+                    sending.append(r)
+        if sending:
+            entries, buffers = P.encode_tasks(((r.id, r.task) for r in sending), self._sent_blobs)
+            self._queue_frame({"t": "submit", "tasks": entries}, buffers)
+        for req, ids in cancels:
+            self._queue_frame({"t": "cancel", "req": req, "ids": ids})
+
+    def _queue_frame(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
+        for piece in P.encode(header, buffers):
+            view = memoryview(piece).cast("B")
+            if view.nbytes:
+                self._wbuf.append(view)
+
+    def _write(self) -> None:
+        wbuf = self._wbuf
+        while wbuf:
+            pieces = list(itertools.islice(wbuf, _MAX_IOV))
+            try:
+                sent = self._sock.sendmsg(pieces)
+            except (BlockingIOError, InterruptedError):
+                return
+            while sent:
+                head = wbuf[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    wbuf.popleft()
+                else:
+                    wbuf[0] = head[sent:]
+                    sent = 0
+
+    def _handle(self, messages: list[P.Message]) -> None:
+        for msg in messages:
+            t = msg.type
+            h = msg.header
+            if t == "results":
+                items = h["items"]
+                resolved = []
+                for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
+                    record = self._pending.pop(item[0], None)
+                    if record is None:
+                        continue  # a duplicate after a retry: the first delivery won
+                    record.state = DONE
+                    record.task = None
+                    resolved.append((record, item[1], bufs, item[3]))
+                for record, status, bufs, info in resolved:
+                    self._resolve(record, status, bufs, info)
+                with self._lock:
+                    if not self._pending and not self._outbox:
+                        self._idle.notify_all()
+            elif t == "started":
+                for tid in h["ids"]:
+                    record = self._pending.get(tid)
+                    if record is not None and record.future._state == PENDING:
+                        record.future.set_running_or_notify_cancel()
+            elif t == "cancel_reply":
+                cancelled = set(h["cancelled"])
+                for tid in cancelled:
+                    record = self._pending.pop(tid, None)
+                    if record is not None:
+                        record.state = CANCELLED_HERE
+                        record.task = None
+                waiter = self._cancel_waiters.pop(h["req"], None)
+                if waiter is not None:
+                    waiter[1].append(cancelled)
+                    waiter[0].set()
+                with self._lock:
+                    if not self._pending and not self._outbox:
+                        self._idle.notify_all()
+            elif t == "status":
+                pass
+            else:
+                raise P.ProtocolError(f"unknown message type {t!r} from the master")
+
+    def _resolve(self, record: _Record, status: str, bufs: list[Any], info: Any) -> None:
+        future = record.future
+        if status == "ok":
+            try:
+                value = S.loads(bufs, "unpickling the result")
+            except SerializationError as e:
+                _set_exception(future, e)
+                return
+            _set_result(future, value)
+            return
+        if status == "raise":
+            npartial = info.get("npartial", 0)
+            exc = S.rebuild_exception(bufs[npartial:], info)
+            if record.chunk:
+                try:
+                    values = S.loads(bufs[:npartial], "unpickling the result") if npartial else []
+                except SerializationError as e:
+                    values, exc = [], e
+                _set_result(future, PartialChunk(values, exc))
+            else:
+                _set_exception(future, exc)
+            return
+        _set_exception(future, error_from_info(status, info or {}))
+
+
+def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
+    """The clusterexec error for a task that failed outside user code."""
+    where = f"on host {info.get('host', '?')}, pid {info.get('pid', '?')}"
+    if status == "lost":
+        if info.get("node_lost"):
+            how = f"the worker node went away ({info.get('reason', 'disconnected')})"
+        elif info.get("signal"):
+            how = f"its task process was killed by {info['signal']}"
+        else:
+            how = f"its task process exited with code {info.get('exitcode')}"
+        attempts = info.get("attempts", 1)
+        return WorkerLostError(
+            f"task failed: {how} {where}, on each of {attempts} attempts"
+            if attempts > 1 else f"task failed: {how} {where}",
+            host=info.get("host"), pid=info.get("pid"), exitcode=info.get("exitcode"),
+            signal=info.get("signal"), attempts=attempts)
+    kind = info.get("kind")
+    detail = f"{info.get('type', '?')}: {info.get('message', '')}"
+    if kind == "initializer":
+        error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
+    elif kind == "serialization":
+        phase = info.get("phase", "")
+        error = SerializationError(f"task failed while {phase} {where}: {detail}", phase=phase)
+    else:
+        error = RemoteError(f"task failed {where}: {detail}", type_name=info.get("type", ""),
+                            remote_message=info.get("message", ""), traceback=info.get("traceback", ""))
+    tb = info.get("traceback")
+    if tb and not isinstance(error, RemoteError):
+        error.__cause__ = S.RemoteTraceback(tb)
+    return error
+
+
+def _set_result(future: Future, value: Any) -> None:
+    with future._condition:
+        if future._state not in (PENDING, RUNNING):
+            return
+    future.set_result(value)
+
+
+def _set_exception(future: Future, exc: BaseException) -> None:
+    with future._condition:
+        if future._state not in (PENDING, RUNNING):
+            return
+    future.set_exception(exc)
+
+

@@ -1,0 +1,165 @@
+"""The asyncio shell around `protocol`: one framed, authenticated connection.
+
+    bytes ─▶ data_received ─▶ handshake (server or client role, fixed sizes) ─▶ FrameReader ─▶ on_messages
+    send(header, buffers) ─▶ transport.writelines (no joining of large buffers)
+
+Used by the master (server role), the node agent towards the master (client role) and the agent towards its
+task processes (no handshake: a private socketpair). Malformed input closes this connection alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol as P
+
+log = logging.getLogger("clusterexec.connection")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class FramedConnection(asyncio.Protocol):
+    def __init__(self, *, role: str, key: bytes | None,
+                 on_ready: Callable[[FramedConnection], None],
+                 on_messages: Callable[[FramedConnection, list[P.Message]], None],
+                 on_lost: Callable[[FramedConnection, BaseException | None], None],
+                 max_header: int = P.DEFAULT_MAX_HEADER, max_frame: int = P.DEFAULT_MAX_FRAME):
+        assert role in ("server", "client", "none")
+        self.role = role
+        self.key = key
+        self.on_ready = on_ready
+        self.on_messages = on_messages
+        self.on_lost = on_lost
+        self.reader = P.FrameReader(max_header, max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.ready = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self.state: Any = None  # what the owner attaches (a client, a node, a task process)
+        self._pending = bytearray()
+        self._challenge = P.new_challenge()
+        self._timer: asyncio.TimerHandle | None = None
+        self._sent_proof = False
+
+    # ------------------------------------------------------------------------------------------ asyncio
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if self.role == "none":
+            self._become_ready()
+            return
+        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        if self.role == "server":
+            transport.write(P.server_hello(self._challenge))  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.ready:
+            self._pending += data
+            try:
+                self._handshake_step()
+            except (P.ProtocolError, ConnectionError) as e:
+                self.fail(e)
+                return
+            if not self.ready or not self._pending:
+                return
+            data, self._pending = bytes(self._pending), bytearray()
+        try:
+            messages = self.reader.feed(data)
+        except P.ProtocolError as e:
+            log.warning("closing connection from %s: %s", self.peer, e)
+            self.fail(e)
+            return
+        if messages:
+            try:
+                self.on_messages(self, messages)
+            except P.ProtocolError as e:
+                log.warning("closing connection from %s: %s", self.peer, e)
+                self.fail(e)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._report_lost(self.error or exc)
+
+    def _report_lost(self, exc: BaseException | None) -> None:
+        on_lost, self.on_lost = self.on_lost, _ignore_lost
+        on_lost(self, exc)
+
+    # ------------------------------------------------------------------------------------------ handshake
+
+    def _handshake_step(self) -> None:
+        buf = self._pending
+        if self.role == "server":
+            if len(buf) < P.CLIENT_PROOF.size:
+                return
+            verdict = P.server_check(self.key or b"", self._challenge, bytes(buf[: P.CLIENT_PROOF.size]))
+            del buf[: P.CLIENT_PROOF.size]
+            self.transport.write(verdict)  # type: ignore[union-attr]
+            if not verdict.startswith(P.VERDICT_OK):
+                reason = "wrong protocol version" if verdict.startswith(P.VERDICT_WRONG_VERSION) else "wrong key"
+                log.warning("rejected connection from %s: %s", self.peer, reason)
+                raise P.AuthenticationError(reason)
+            self._become_ready()
+        else:  # client
+            if not self._sent_proof:
+                if len(buf) < P.SERVER_HELLO.size:
+                    return
+                proof = P.client_proof(self.key or b"", bytes(buf[: P.SERVER_HELLO.size]), self._challenge)
+                del buf[: P.SERVER_HELLO.size]
+                self.transport.write(proof)  # type: ignore[union-attr]
+                self._sent_proof = True
+            if len(buf) < P.SERVER_VERDICT_SIZE:
+                return
+            P.client_check(self.key or b"", self._challenge, bytes(buf[: P.SERVER_VERDICT_SIZE]))
+            del buf[: P.SERVER_VERDICT_SIZE]
+            self._become_ready()
+
+    def _become_ready(self) -> None:
+        self.ready = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.on_ready(self)
+
+    def _handshake_timeout(self) -> None:
+        if not self.ready and not self.closed:
+            log.warning("closing connection from %s: no authentication within %.0f s", self.peer, HANDSHAKE_TIMEOUT)
+            self.fail(TimeoutError("authentication timed out"))
+
+    # ------------------------------------------------------------------------------------------ output
+
+    def send(self, header: dict[str, Any], buffers: list[Any] | tuple = ()) -> None:
+        if self.closed or self.transport is None:
+            return
+        self.transport.writelines(P.encode(header, buffers))
+
+    def fail(self, error: BaseException) -> None:
+        """Close this connection because of `error` (reported once through on_lost)."""
+        if self.closed:
+            return
+        self.error = error
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._report_lost(error)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+
+def _ignore_lost(conn: FramedConnection, exc: BaseException | None) -> None:
+    pass

@@ -1,0 +1,243 @@
+"""`ClusterExecutor`: the `concurrent.futures.Executor` users hold.
+
+    submit(fn, *args) ─ pickle fn (a blob named by its content hash) and (args, kwargs) in the caller's thread
+                      └─▶ ClientConnection.submit ─▶ Future
+    map(fn, *its)     ─ pickle fn once; one task per item, or per chunk of `chunksize` items;
+                        with `buffersize`, at most that many tasks in flight, refilled as results are yielded
+    shutdown()        ─ cancel what is queued (cancel_futures), wait, close the connection, stop local mode
+
+With no address the executor starts its own master and node on this machine (`local.LocalCluster`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any
+
+from . import serialization as S
+from .auth import resolve_key
+from .client import ClientConnection, ClusterFuture, PartialChunk
+from .errors import SerializationError
+from .local import LocalCluster
+from .master import DEFAULT_PORT, parse_address
+from .worker import default_nprocs
+
+
+class ClusterExecutor(Executor):
+    """An executor whose tasks run in the task processes of a clusterexec cluster.
+
+    ``ClusterExecutor("head-node:7070")`` connects to a running master (``python -m clusterexec.master``);
+    ``ClusterExecutor(max_workers=4)`` starts a private master and worker node on this machine and stops
+    them on shutdown, like ``ProcessPoolExecutor(max_workers=4)``.
+
+    Functions travel with cloudpickle, so lambdas and closures work. A task whose process dies is retried
+    on another process (twice by default) before its Future fails with `WorkerLostError`.
+
+    >>> with ClusterExecutor(max_workers=2) as ex:
+    ...     list(ex.map(lambda x: x * x, range(5)))
+    [0, 1, 4, 9, 16]
+    """
+
+    def __init__(self, address: str | tuple[str, int] | None = None, max_workers: int | None = None, *,
+                 authkey: str | bytes | None = None, initializer: Callable[..., Any] | None = None,
+                 initargs: tuple = (), max_tasks_per_child: int | None = None, mp_context: Any = None,
+                 connect_timeout: float = 30.0, name: str | None = None):
+        if isinstance(address, int) and not isinstance(address, bool):
+            # ClusterExecutor(8), as one would write ProcessPoolExecutor(8)
+            address, max_workers = None, address
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        self._local: LocalCluster | None = None
+        if address is None:
+            self._local = LocalCluster(max_workers or default_nprocs())
+            host_port, key = self._local.address, self._local.key
+        else:
+            host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
+            key, _ = resolve_key(authkey)
+        try:
+            self._conn = ClientConnection(host_port, key, name=name or _default_name(),
+                                          connect_timeout=connect_timeout)
+        except BaseException:
+            if self._local is not None:
+                self._local.stop()
+            raise
+        self.address = "%s:%d" % host_port
+        self._max_workers = max_workers or max(1, self._conn.procs)
+        self._opts: dict[str, Any] = {}
+        self._init_blob = None
+        if initializer is not None:
+            self._init_blob = S.function_blob((initializer, tuple(initargs)), "pickling the initializer")
+            self._opts["init"] = 1
+        if max_tasks_per_child is not None:
+            self._opts["mtpc"] = max_tasks_per_child
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        if self._local is not None:
+            self._conn.on_close(self._local.stop)
+        # Garbage collection or interpreter exit with the executor still open: finish what is pending,
+        # then close and stop local mode, leaving no process behind.
+        self._finalizer = weakref.finalize(self, self._conn.close, True)
+
+    # ------------------------------------------------------------------------------------------ submit
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        try:
+            blob = S.function_blob(fn)
+            bufs = S.dumps((args, kwargs), "pickling the arguments")
+        except SerializationError as e:
+            return _failed(e)
+        return self._conn.submit(self._deps(blob), bufs, self._opts or None)
+
+    def _deps(self, blob: Any) -> list[Any]:
+        return [blob, self._init_blob] if self._init_blob is not None else [blob]
+
+    # ------------------------------------------------------------------------------------------ map
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+        """Like `ProcessPoolExecutor.map`, with `buffersize` (Python 3.14) on every Python.
+
+        Results come in input order. With ``chunksize > 1`` items travel in chunks; an exception raised for
+        an item is raised when the iteration reaches that item, after the results before it. With
+        ``buffersize=N`` at most N tasks are in flight, so an endless generator maps in bounded memory.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None:
+            if not isinstance(buffersize, int):
+                raise TypeError("buffersize must be an integer or None")
+            if buffersize < 1:
+                raise ValueError("buffersize must be None or > 0")
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        zipped: Iterator[Any] = zip(*iterables)
+        chunked = chunksize > 1
+        if chunked:
+            zipped = _batched(zipped, chunksize)
+        try:
+            deps = self._deps(S.function_blob(fn))
+        except SerializationError as e:
+            deps = None
+            error = e
+        opts = dict(self._opts, chunk=1) if chunked else (self._opts or None)
+        conn = self._conn
+
+        def make(item: Any) -> Future:
+            if deps is None:
+                return _failed(error)
+            try:
+                bufs = S.dumps(item if chunked else (item, {}), "pickling the arguments")
+            except SerializationError as e:
+                return _failed(e)
+            return conn.submit(deps, bufs, opts, chunk=chunked)
+
+        if buffersize is None:
+            futures = deque(make(item) for item in zipped)
+        else:
+            futures = deque(make(item) for item in itertools.islice(zipped, buffersize))
+        return self._results(futures, zipped if buffersize else None, make, end_time, chunked)
+
+    def _results(self, futures: deque[Future], more: Iterator[Any] | None, make: Callable[[Any], Future],
+                 end_time: float | None, chunked: bool) -> Iterator[Any]:
+        try:
+            while futures:
+                future = futures.popleft()
+                wait = None if end_time is None else end_time - time.monotonic()
+                try:
+                    value = future.result(wait)
+                except BaseException:
+                    future.cancel()
+                    raise
+                if more is not None:
+                    item = next(more, _END)
+                    if item is _END:
+                        more = None
+                    else:
+                        futures.append(make(item))
+                if chunked:
+                    if isinstance(value, PartialChunk):
+                        yield from value.values
+                        raise value.error
+                    yield from value
+                else:
+                    yield value
+                del value, future
+        finally:
+            _cancel_all(futures)
+
+    # ------------------------------------------------------------------------------------------ shutdown
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            _cancel_all(self._conn.pending_futures())
+        if wait:
+            self._conn.wait_idle()
+            self._conn.close()
+            if self._local is not None:
+                self._local.stop()
+        else:
+            self._conn.close(wait_idle=True)
+        self._finalizer.detach()
+
+    # ------------------------------------------------------------------------------------------ misc
+
+    def __repr__(self) -> str:
+        mode = "local" if self._local is not None else "remote"
+        return f"<ClusterExecutor {self.address} ({mode}), max_workers={self._max_workers}>"
+
+
+_END = object()
+
+
+def _default_name() -> str:
+    import sys
+
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def _failed(error: BaseException) -> Future:
+    future: Future = ClusterFuture()
+    future.set_exception(error)
+    return future
+
+
+def _cancel_all(futures: Iterable[Future]) -> None:
+    """Cancel many Futures with one request per connection instead of one round trip each."""
+    by_conn: dict[Any, list[Any]] = {}
+    for f in futures:
+        record = getattr(f, "_cx_record", None)
+        if record is None:
+            f.cancel()
+        elif not f.done():
+            by_conn.setdefault(record.conn, []).append(record)
+    for conn, records in by_conn.items():
+        for record, ok in zip(records, conn.cancel(records), strict=True):
+            if ok:
+                Future.cancel(record.future)
+
+
+def _batched(iterator: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    while chunk := list(itertools.islice(iterator, n)):
+        yield chunk

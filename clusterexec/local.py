@@ -1,0 +1,135 @@
+"""Local mode: a private master and worker node for one executor, on 127.0.0.1.
+
+    user process                              python -m clusterexec.local  (one child process)
+    ClusterExecutor(max_workers=N)            ┌─────────────────────────────────────────────┐
+      LocalCluster ──stdin: config, key──────▶│ Master on 127.0.0.1:0 + Agent, N task procs │
+                   ◀──pipe: "port"────────────│                                             │
+      ClientConnection ═══TCP, authenticated═▶│                                             │
+      stdin closed (shutdown, GC, exit, or   ─▶ stops: kills its task processes, exits      │
+      even SIGKILL of the user process)       └─────────────────────────────────────────────┘
+
+The key is fresh and random, and travels over the pipe, never on a command line. Because the child
+stops when its stdin reaches end-of-file, no process outlives the user's program however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import select
+import subprocess
+import sys
+import time
+
+from .errors import ClusterUnavailable
+
+
+class LocalCluster:
+    """Start and stop the private master and node of a local-mode executor."""
+
+    def __init__(self, nprocs: int, startup_timeout: float = 60.0):
+        self.key = secrets.token_bytes(32)
+        self.nprocs = nprocs
+        read_fd, write_fd = os.pipe()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from clusterexec.local import _main; _main()", str(write_fd)],
+                stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True)
+        finally:
+            os.close(write_fd)
+        try:
+            config = {"key": self.key.hex(), "nprocs": nprocs, "sys_path": sys.path}
+            self.process.stdin.write(json.dumps(config).encode() + b"\n")
+            self.process.stdin.flush()
+            port = self._read_port(read_fd, startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(read_fd)
+        self.address = ("127.0.0.1", port)
+
+    def _read_port(self, fd: int, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClusterUnavailable(f"the local cluster did not start within {timeout} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 64)
+                if not chunk:
+                    code = self.process.wait(5)
+                    raise ClusterUnavailable(f"the local cluster process exited during start-up (exit code {code}); "
+                                             "see its error output above")
+                data += chunk
+        return int(data)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the child's stdin, which makes it stop its node and exit; kill it if it does not."""
+        proc = self.process
+        if proc.stdin is not None and not proc.stdin.closed:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------------------------- child
+
+
+async def _child(config: dict, port_fd: int) -> None:
+    from .master import Master
+    from .worker import Agent
+
+    key = bytes.fromhex(config["key"])
+    master = Master(key)
+    _, port = await master.start("127.0.0.1", 0)
+    agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
+    await agent.start()
+    os.write(port_fd, f"{port}\n".encode())
+    os.close(port_fd)
+    loop = asyncio.get_running_loop()
+    parent_gone = asyncio.Event()
+    stdin = sys.stdin.buffer.raw
+
+    def on_stdin() -> None:
+        try:
+            data = os.read(stdin.fileno(), 4096)
+        except OSError:
+            data = b""
+        if not data:
+            parent_gone.set()
+
+    loop.add_reader(stdin.fileno(), on_stdin)
+    closed = asyncio.ensure_future(agent.closed.wait())
+    gone = asyncio.ensure_future(parent_gone.wait())
+    await asyncio.wait([closed, gone], return_when=asyncio.FIRST_COMPLETED)
+    loop.remove_reader(stdin.fileno())
+    await agent.stop()
+    master.close()
+
+
+def _main() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C is for the user's program
+    port_fd = int(sys.argv[1])
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return
+    config = json.loads(line)
+    sys.path[:] = config["sys_path"]
+    asyncio.run(_child(config, port_fd))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,338 @@
+"""Wire format shared by client, master, node agent and task processes (sans-I/O).
+
+Nothing here touches a socket: bytes go in, messages come out, and the other way round.
+
+    connection opens
+      server ──  MAGIC | version | challenge_s ─────────────────────────▶ client     (38 bytes)
+      server ◀── MAGIC | version | HMAC(key, "C"+challenge_s) | challenge_c ── client (70 bytes)
+      server ──  "OK" | HMAC(key, "S"+challenge_c) ─────────────────────▶ client     (34 bytes)
+                 or "NO"/"VV" + 32 zero bytes, then close (wrong key / wrong version)
+    then frames, both ways:
+
+      ┌────────┬─────────────┬──────────────────┬──────────────┬─────────┬───┬─────────┐
+      │ nbufs  │ header_len  │ nbufs × buf_len  │ header (JSON)│ buf 0   │ … │ buf n-1 │
+      │ u16    │ u32         │ u64 each         │ {"t": type…} │ opaque  │   │ opaque  │
+      └────────┴─────────────┴──────────────────┴──────────────┴─────────┴───┴─────────┘
+
+Headers are JSON, so reading one can never run code; buffers are opaque bytes (pickles, out-of-band
+pickle buffers, function blobs) that only the client and the task processes ever unpickle.
+
+Tasks travel in batches. A task names the blobs it depends on (its pickled function, its client's
+initializer) by content hash. Each connection keeps a *mirrored* LRU of the blobs already sent over it:
+the sender's `BlobLRU` and the receiver's `BlobLRU` see the same additions and touches in the same order,
+so they evict the same entries, and a blob is sent again only when the receiver no longer has it. That is
+how a function used by a 100,000-task map crosses each hop once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAGIC = b"CLEX"
+CHALLENGE_SIZE = 32
+DIGEST_SIZE = 32
+
+SERVER_HELLO = struct.Struct("!4sH32s")  # magic, version, challenge
+CLIENT_PROOF = struct.Struct("!4sH32s32s")  # magic, version, digest, challenge
+SERVER_VERDICT_SIZE = 2 + DIGEST_SIZE
+VERDICT_OK = b"OK"
+VERDICT_WRONG_KEY = b"NO"
+VERDICT_WRONG_VERSION = b"VV"
+
+_PREFIX = struct.Struct("!HI")
+_BUFLEN = struct.Struct("!Q")
+
+DEFAULT_MAX_HEADER = 64 * 1024 * 1024
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024 * 1024
+MAX_BUFFERS = 65535
+
+
+class ProtocolError(Exception):
+    """A peer sent bytes that are not a valid clusterexec frame."""
+
+
+class AuthenticationError(ConnectionError):
+    """The other side does not share our key (or is not a clusterexec peer at all)."""
+
+
+class VersionMismatch(ConnectionError):
+    """The other side speaks another version of the clusterexec protocol."""
+
+
+# ---------------------------------------------------------------------------------------------- handshake
+
+
+def new_challenge() -> bytes:
+    return os.urandom(CHALLENGE_SIZE)
+
+
+def _digest(key: bytes, role: bytes, challenge: bytes) -> bytes:
+    return hmac.new(key, role + challenge, hashlib.sha256).digest()
+
+
+def server_hello(challenge: bytes) -> bytes:
+    return SERVER_HELLO.pack(MAGIC, PROTOCOL_VERSION, challenge)
+
+
+def client_proof(key: bytes, hello: bytes, my_challenge: bytes) -> bytes:
+    """Answer a server hello; raises if the server is not a clusterexec master of our version."""
+    magic, version, challenge = SERVER_HELLO.unpack(hello)
+    if magic != MAGIC:
+        raise ProtocolError("the server is not a clusterexec master (wrong greeting); check the address and port")
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"the master speaks clusterexec protocol {version}, this program speaks {PROTOCOL_VERSION}; "
+            "install the same clusterexec version on every machine"
+        )
+    return CLIENT_PROOF.pack(MAGIC, PROTOCOL_VERSION, _digest(key, b"C", challenge), my_challenge)
+
+
+def server_check(key: bytes, my_challenge: bytes, proof: bytes) -> bytes:
+    """Check a client's proof; returns the verdict to send (starting with VERDICT_OK when accepted)."""
+    magic, version, digest, challenge = CLIENT_PROOF.unpack(proof)
+    if magic != MAGIC:
+        return VERDICT_WRONG_KEY + bytes(DIGEST_SIZE)
+    if version != PROTOCOL_VERSION:
+        return VERDICT_WRONG_VERSION + bytes(DIGEST_SIZE)
+    if not hmac.compare_digest(digest, _digest(key, b"C", my_challenge)):
+        return VERDICT_WRONG_KEY + bytes(DIGEST_SIZE)
+    return VERDICT_OK + _digest(key, b"S", challenge)
+
+
+def client_check(key: bytes, my_challenge: bytes, verdict: bytes) -> None:
+    """Check the server's verdict; raises a clear error unless both sides proved the key."""
+    word, digest = verdict[:2], verdict[2:]
+    if word == VERDICT_WRONG_VERSION:
+        raise VersionMismatch("the master rejected our protocol version; install the same clusterexec everywhere")
+    if word != VERDICT_OK:
+        raise AuthenticationError(
+            "the master rejected our authentication key: use the master's key "
+            "(authkey=, CLUSTEREXEC_AUTHKEY, or --authkey-file)"
+        )
+    if not hmac.compare_digest(digest, _digest(key, b"S", my_challenge)):
+        raise AuthenticationError("the master could not prove it knows our authentication key; refusing to talk to it")
+
+
+# ---------------------------------------------------------------------------------------------- frames
+
+
+def encode(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
+    """One frame as a list of byte-like pieces, ready for `writelines`/`sendmsg` without joining."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if len(buffers) > MAX_BUFFERS:
+        raise ValueError(f"a frame carries at most {MAX_BUFFERS} buffers")
+    lens = [memoryview(b).nbytes for b in buffers]
+    prefix = _PREFIX.pack(len(buffers), len(head)) + b"".join(_BUFLEN.pack(n) for n in lens)
+    return [prefix, head, *buffers]
+
+
+def encode_bytes(header: dict[str, Any], buffers: Sequence[Any] = ()) -> bytes:
+    return b"".join(bytes(p) if not isinstance(p, bytes) else p for p in encode(header, buffers))
+
+
+@dataclass(slots=True)
+class Message:
+    header: dict[str, Any]
+    buffers: list[memoryview]
+
+    @property
+    def type(self) -> str:
+        return self.header["t"]
+
+
+class FrameReader:
+    """Turns a byte stream into `Message`s. Raises `ProtocolError` on anything malformed or oversized."""
+
+    def __init__(self, max_header: int = DEFAULT_MAX_HEADER, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_header = max_header
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._need: tuple[int, int, list[int]] | None = None  # header_len, payload_len, buffer lens
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        buf = self._buf
+        pos = 0
+        while True:
+            if self._need is None:
+                if len(buf) - pos < _PREFIX.size:
+                    break
+                nbufs, head_len = _PREFIX.unpack_from(buf, pos)
+                if head_len > self.max_header:
+                    raise ProtocolError(f"frame header of {head_len} bytes exceeds the limit of {self.max_header}")
+                if len(buf) - pos < _PREFIX.size + 8 * nbufs:
+                    break
+                lens = list(struct.unpack_from(f"!{nbufs}Q", buf, pos + _PREFIX.size))
+                total = sum(lens)
+                if total > self.max_frame:
+                    raise ProtocolError(f"frame of {total} bytes exceeds the limit of {self.max_frame}")
+                pos += _PREFIX.size + 8 * nbufs
+                self._need = (head_len, total, lens)
+            head_len, total, lens = self._need
+            if len(buf) - pos < head_len + total:
+                break
+            frame = bytes(buf[pos : pos + head_len + total])
+            pos += head_len + total
+            self._need = None
+            try:
+                header = json.loads(frame[:head_len])
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ProtocolError(f"frame header is not JSON: {e}") from None
+            if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+                raise ProtocolError("frame header has no message type")
+            view = memoryview(frame)
+            buffers = []
+            off = head_len
+            for n in lens:
+                buffers.append(view[off : off + n])
+                off += n
+            out.append(Message(header, buffers))
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# ---------------------------------------------------------------------------------------------- blobs
+
+
+def blob_hash(data: bytes | memoryview) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class BlobLRU:
+    """One side of a per-connection mirrored blob cache.
+
+    The sender keeps sizes only; the receiver keeps the values. Both call `touch` when a task refers to a
+    blob and `add` when the blob travels inline, in the same order, so both evict the same entries.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024, max_items: int = 256,
+                 on_evict: Callable[[str], None] | None = None):
+        self.max_bytes = max_bytes
+        self.max_items = max_items
+        self.on_evict = on_evict
+        self._items: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._bytes = 0
+
+    def __contains__(self, h: str) -> bool:
+        return h in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def touch(self, h: str) -> bool:
+        if h in self._items:
+            self._items.move_to_end(h)
+            return True
+        return False
+
+    def get(self, h: str) -> Any:
+        return self._items[h][1]
+
+    def add(self, h: str, size: int, value: Any = None) -> None:
+        old = self._items.pop(h, None)
+        if old is not None:
+            self._bytes -= old[0]
+        self._items[h] = (size, value)
+        self._bytes += size
+        while (self._bytes > self.max_bytes or len(self._items) > self.max_items) and len(self._items) > 1:
+            victim, (vsize, _) = self._items.popitem(last=False)
+            self._bytes -= vsize
+            if self.on_evict is not None:
+                self.on_evict(victim)
+
+
+@dataclass(slots=True)
+class Blob:
+    hash: str
+    data: Any  # bytes-like
+
+
+@dataclass(slots=True)
+class Task:
+    """What travels for one task: an id meaningful on this hop, its blobs, its payload and options."""
+
+    id: int
+    deps: list[Blob]
+    bufs: list[Any]
+    opts: dict[str, Any] | None = None
+    # bookkeeping of the holder, never sent:
+    extra: Any = field(default=None, compare=False)
+
+
+def encode_tasks(tasks: Iterable[tuple[int, Task]], sent: BlobLRU) -> tuple[list[Any], list[Any]]:
+    """Entries for a header and the flat buffer list of (id on this hop, task) pairs.
+
+    Blobs the receiver still has are sent by hash only.
+    """
+    entries: list[Any] = []
+    buffers: list[Any] = []
+    for task_id, task in tasks:
+        hashes = []
+        inline = []
+        for blob in task.deps:
+            hashes.append(blob.hash)
+            if sent.touch(blob.hash):
+                inline.append(0)
+            else:
+                sent.add(blob.hash, memoryview(blob.data).nbytes)
+                inline.append(1)
+                buffers.append(blob.data)
+        buffers.extend(task.bufs)
+        entries.append([task_id, hashes, inline, len(task.bufs), task.opts])
+    return entries, buffers
+
+
+def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> list[Task]:
+    """Inverse of `encode_tasks`; raises `ProtocolError` for malformed entries or unknown blobs."""
+    tasks = []
+    pos = 0
+    try:
+        for task_id, hashes, inline, nbufs, opts in entries:
+            deps = []
+            for h, is_inline in zip(hashes, inline, strict=True):
+                if is_inline:
+                    data = buffers[pos]
+                    pos += 1
+                    cache.add(h, data.nbytes, data)
+                elif not cache.touch(h):
+                    raise ProtocolError(f"task refers to blob {h} that was never sent")
+                deps.append(Blob(h, cache.get(h)))
+            if pos + nbufs > len(buffers) or nbufs < 0:
+                raise ProtocolError("task entry claims more buffers than the frame has")
+            tasks.append(Task(int(task_id), deps, buffers[pos : pos + nbufs], opts))
+            pos += nbufs
+    except (TypeError, ValueError) as e:
+        raise ProtocolError(f"malformed task entry: {e}") from None
+    if pos != len(buffers):
+        raise ProtocolError("frame has buffers that no task claims")
+    return tasks
+
+
+def split_buffers(items: Sequence[Sequence[Any]], buffers: list[memoryview], count_index: int = 2) -> list[list[memoryview]]:
+    """Give each result item its buffers (item[count_index] says how many); validates counts."""
+    out = []
+    pos = 0
+    for item in items:
+        n = item[count_index]
+        if not isinstance(n, int) or n < 0 or pos + n > len(buffers):
+            raise ProtocolError("result entry claims more buffers than the frame has")
+        out.append(buffers[pos : pos + n])
+        pos += n
+    if pos != len(buffers):
+        raise ProtocolError("frame has buffers that no result claims")
+    return out

@@ -1,0 +1,332 @@
+"""The master's state (sans-I/O): queues, fairness, assignment, cancellation and retries.
+
+    clients ──submit──▶ per-client FIFO ─┐
+                                          ├─ round-robin over clients ─▶ node with a free slot ─▶ node.out_tasks
+    clients ──submit──▶ per-client FIFO ─┘
+    node ──started/result/lost──▶ Scheduler ──▶ client.out_started / client.out_results
+    client ──cancel──▶ queued: removed now; on a node but not started: asked of the node; started: refused
+
+The scheduler owns no socket. Methods take events; what must be sent piles up in the `out_*` lists of
+`ClientState` and `NodeState`, and `dirty` names the peers that have something to send, so the shell can
+flush each peer in one write after a whole batch of events.
+
+Execution is at-least-once: a task whose process or node died is queued again at the front of its client's
+queue (unless it had not started), up to its retry budget; then its client gets a "lost" result.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .protocol import Task
+
+DEFAULT_RETRIES = 2
+
+
+@dataclass(slots=True, eq=False)
+class TaskState:
+    gid: int
+    client: ClientState
+    task: Task  # task.id is the client's id for it
+    attempts: int = 0
+    node: NodeState | None = None
+    started: bool = False
+    cancelled: bool = False
+    cancel_key: int | None = None  # a cancel request waits on this task's node
+    done: bool = False
+
+    @property
+    def retries(self) -> int:
+        opts = self.task.opts
+        if opts and "retries" in opts:
+            return int(opts["retries"])
+        return DEFAULT_RETRIES
+
+
+@dataclass(eq=False)
+class ClientState:
+    id: int
+    info: dict[str, Any] = field(default_factory=dict)
+    queue: deque[TaskState] = field(default_factory=deque)
+    tasks: dict[int, TaskState] = field(default_factory=dict)  # client task id → state
+    out_started: list[int] = field(default_factory=list)
+    out_results: list[tuple[int, str, list[Any], Any]] = field(default_factory=list)
+    out_cancel_replies: list[dict[str, Any]] = field(default_factory=list)
+    tasks_done: int = 0
+
+
+@dataclass(eq=False)
+class NodeState:
+    id: int
+    nprocs: int
+    capacity: int
+    info: dict[str, Any] = field(default_factory=dict)
+    assigned: dict[int, TaskState] = field(default_factory=dict)
+    out_tasks: list[TaskState] = field(default_factory=list)
+    out_cancel: list[tuple[int, list[int]]] = field(default_factory=list)
+    out_drop: list[int] = field(default_factory=list)
+    tasks_done: int = 0
+    tasks_failed: int = 0
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.assigned)
+
+
+@dataclass(eq=False)
+class _CancelRequest:
+    client: ClientState
+    req: int
+    cancelled: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    waiting: set[int] = field(default_factory=set)  # node ids yet to answer
+
+
+class Scheduler:
+    def __init__(self, prefetch: int | None = None):
+        """`prefetch`: tasks a node may hold beyond one per process (default: as many as it has processes)."""
+        self.prefetch = prefetch
+        self.clients: dict[int, ClientState] = {}
+        self.nodes: dict[int, NodeState] = {}
+        self.dirty_clients: set[ClientState] = set()
+        self.dirty_nodes: set[NodeState] = set()
+        self._ring: deque[ClientState] = deque()  # clients with queued tasks, served round-robin
+        self._gids = itertools.count(1)
+        self._by_gid: dict[int, TaskState] = {}
+        self._cancels: dict[int, _CancelRequest] = {}
+        self._cancel_ids = itertools.count(1)
+
+    # ------------------------------------------------------------------------------------------ peers
+
+    def add_client(self, client_id: int, info: dict[str, Any] | None = None) -> ClientState:
+        client = ClientState(client_id, info or {})
+        self.clients[client_id] = client
+        return client
+
+    def remove_client(self, client_id: int) -> None:
+        """A client left: forget its queued tasks and have nodes drop its assigned ones."""
+        client = self.clients.pop(client_id, None)
+        if client is None:
+            return
+        self.dirty_clients.discard(client)
+        for ts in client.tasks.values():
+            ts.cancelled = True
+            self._by_gid.pop(ts.gid, None)
+            node = ts.node
+            if node is not None:
+                node.assigned.pop(ts.gid, None)
+                node.out_drop.append(ts.gid)
+                self.dirty_nodes.add(node)
+        client.tasks.clear()
+        client.queue.clear()
+        for key, request in list(self._cancels.items()):
+            if request.client is client:
+                del self._cancels[key]
+
+    def add_node(self, node_id: int, nprocs: int, info: dict[str, Any] | None = None) -> NodeState:
+        prefetch = nprocs if self.prefetch is None else self.prefetch
+        node = NodeState(node_id, nprocs, max(1, nprocs + prefetch), info or {})
+        self.nodes[node_id] = node
+        return node
+
+    def remove_node(self, node_id: int, reason: dict[str, Any] | None = None) -> None:
+        """A node left or died: its unstarted tasks go back to the queue, its started ones count an attempt."""
+        node = self.nodes.pop(node_id, None)
+        if node is None:
+            return
+        self.dirty_nodes.discard(node)
+        waiting = [k for k, r in self._cancels.items() if node_id in r.waiting]
+        for ts in list(node.assigned.values()):
+            if ts.cancel_key is not None and ts.cancel_key in self._cancels:
+                # The client asked to cancel it and the node never answered: it is cancelled, not retried.
+                del node.assigned[ts.gid]
+                ts.cancelled = True
+                self._forget(ts)
+                self._cancels[ts.cancel_key].cancelled.append(ts.task.id)
+        for key in waiting:
+            request = self._cancels[key]
+            request.waiting.discard(node_id)
+            self._maybe_answer(request, key)
+        lost = {"host": node.info.get("host"), "pid": node.info.get("pid"), "node_lost": True}
+        if reason:
+            lost.update(reason)
+        # Requeue in reverse so that the front of each queue keeps the original order.
+        for ts in reversed(list(node.assigned.values())):
+            ts.node = None
+            if ts.started:
+                self._attempt_failed(ts, lost)
+            else:
+                self._requeue_front(ts)
+        node.assigned.clear()
+
+    # ------------------------------------------------------------------------------------------ tasks
+
+    def submit(self, client_id: int, tasks: list[Task]) -> None:
+        client = self.clients[client_id]
+        was_empty = not client.queue
+        for task in tasks:
+            if task.id in client.tasks:
+                continue  # a resubmission of a task we still hold: keep the one we have
+            ts = TaskState(next(self._gids), client, task)
+            client.tasks[task.id] = ts
+            self._by_gid[ts.gid] = ts
+            client.queue.append(ts)
+        if was_empty and client.queue:
+            self._ring.append(client)
+
+    def _requeue_front(self, ts: TaskState) -> None:
+        client = ts.client
+        ts.started = False
+        if not client.queue:
+            self._ring.append(client)
+        client.queue.appendleft(ts)
+
+    def _attempt_failed(self, ts: TaskState, info: dict[str, Any]) -> None:
+        ts.attempts += 1
+        if ts.attempts > ts.retries:
+            info = dict(info, attempts=ts.attempts)
+            self._finish(ts, "lost", [], info)
+        else:
+            self._requeue_front(ts)
+
+    def _finish(self, ts: TaskState, status: str, bufs: list[Any], info: Any) -> None:
+        ts.done = True
+        client = ts.client
+        self._by_gid.pop(ts.gid, None)
+        client.tasks.pop(ts.task.id, None)
+        client.tasks_done += 1
+        client.out_results.append((ts.task.id, status, bufs, info))
+        self.dirty_clients.add(client)
+
+    def schedule(self) -> None:
+        """Hand queued tasks to nodes with free slots, one task per client in turn."""
+        if not self._ring:
+            return
+        ring = self._ring
+        for node in self.nodes.values():
+            free = node.free
+            while free > 0 and ring:
+                client = ring[0]
+                ts = self._pop_queued(client)
+                if ts is None:
+                    ring.popleft()
+                    continue
+                ring.rotate(-1)
+                if not client.queue:
+                    ring.remove(client)
+                ts.node = node
+                node.assigned[ts.gid] = ts
+                node.out_tasks.append(ts)
+                free -= 1
+            if node.out_tasks:
+                self.dirty_nodes.add(node)
+            if not ring:
+                break
+
+    @staticmethod
+    def _pop_queued(client: ClientState) -> TaskState | None:
+        queue = client.queue
+        while queue:
+            ts = queue.popleft()
+            if not ts.cancelled:
+                return ts
+        return None
+
+    def started(self, node_id: int, gids: list[int]) -> None:
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        for gid in gids:
+            ts = node.assigned.get(gid)
+            if ts is not None and not ts.started:
+                ts.started = True
+                ts.client.out_started.append(ts.task.id)
+                self.dirty_clients.add(ts.client)
+
+    def result(self, node_id: int, gid: int, status: str, bufs: list[Any], info: Any) -> None:
+        """A node reports a task's outcome: "ok", "raise", "error", or "lost" (its process died)."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return
+        ts = node.assigned.pop(gid, None)
+        if ts is None:
+            return  # dropped, cancelled, or a duplicate: delivery stays exactly-once
+        ts.node = None
+        if status == "lost":
+            node.tasks_failed += 1
+            self._attempt_failed(ts, dict(info or {}, host=node.info.get("host")))
+        else:
+            node.tasks_done += 1
+            self._finish(ts, status, bufs, info)
+
+    # ------------------------------------------------------------------------------------------ cancel
+
+    def cancel(self, client_id: int, req: int, task_ids: list[int]) -> None:
+        """Cancel what has not started; the answer goes to the client once every node involved replied."""
+        client = self.clients[client_id]
+        request = _CancelRequest(client, req)
+        per_node: dict[NodeState, list[int]] = {}
+        for tid in task_ids:
+            ts = client.tasks.get(tid)
+            if ts is None or ts.started:
+                request.refused.append(tid)
+            elif ts.node is None:
+                ts.cancelled = True  # lazily skipped in the queue
+                self._forget(ts)
+                request.cancelled.append(tid)
+            else:
+                per_node.setdefault(ts.node, []).append(ts.gid)
+        key = next(self._cancel_ids)
+        for gids in per_node.values():
+            for gid in gids:
+                self._by_gid[gid].cancel_key = key
+        for node, gids in per_node.items():
+            node.out_cancel.append((key, gids))
+            request.waiting.add(node.id)
+            self.dirty_nodes.add(node)
+        self._cancels[key] = request
+        self._maybe_answer(request, key)
+
+    def cancel_reply(self, node_id: int, key: int, cancelled: list[int], refused: list[int]) -> None:
+        request = self._cancels.get(key)
+        node = self.nodes.get(node_id)
+        if request is None or node is None:
+            return
+        for gid in cancelled:
+            ts = node.assigned.pop(gid, None)
+            if ts is not None:
+                ts.node = None
+                ts.cancelled = True
+                self._forget(ts)
+                request.cancelled.append(ts.task.id)
+        for gid in refused:
+            ts = self._by_gid.get(gid)
+            if ts is not None:
+                ts.cancel_key = None
+                request.refused.append(ts.task.id)
+        request.waiting.discard(node_id)
+        self._maybe_answer(request, key)
+
+    def _forget(self, ts: TaskState) -> None:
+        self._by_gid.pop(ts.gid, None)
+        ts.client.tasks.pop(ts.task.id, None)
+
+    def _maybe_answer(self, request: _CancelRequest, key: int) -> None:
+        if request.waiting:
+            return
+        self._cancels.pop(key, None)
+        if request.client.id in self.clients:
+            request.client.out_cancel_replies.append(
+                {"req": request.req, "cancelled": request.cancelled, "refused": request.refused})
+            self.dirty_clients.add(request.client)
+
+    # ------------------------------------------------------------------------------------------ status
+
+    def queued(self) -> int:
+        return sum(len(c.queue) for c in self.clients.values())
+
+    def total_procs(self) -> int:
+        return sum(n.nprocs for n in self.nodes.values())

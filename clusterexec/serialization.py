@@ -1,0 +1,116 @@
+"""Pickling for the two ends that run user code: the client and the task processes.
+
+    client                                        task process
+    fn ──cloudpickle──▶ function blob (by hash) ──▶ cached unpickled fn
+    (args, kwargs) ──pickle 5──▶ [main, oob…] ───▶ args, kwargs
+    value / exception ◀──────── [main, oob…] ◀─── pickle 5 of the result, or of (exception)
+
+Large buffers (bytes, NumPy arrays) ride as pickle protocol 5 out-of-band buffers: separate frame buffers
+that master and agent forward without looking inside. Every failure says which phase failed.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from .errors import RemoteError, SerializationError
+from .protocol import Blob, blob_hash
+
+PROTOCOL = 5
+# Out-of-band only pays off for large buffers; small ones stay inline in the main pickle.
+_OOB_MIN = 64 * 1024
+
+
+def dumps(obj: Any, phase: str) -> list[Any]:
+    """Pickle `obj` into [main, *out-of-band buffers]; raises SerializationError naming the phase."""
+    oob: list[Any] = []
+
+    def callback(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < _OOB_MIN:
+            return True  # serialize in band
+        oob.append(raw)
+        return False
+
+    try:
+        main = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+    except Exception as e:
+        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+    return [main, *oob]
+
+
+def loads(buffers: list[Any], phase: str) -> Any:
+    try:
+        return pickle.loads(buffers[0], buffers=buffers[1:])
+    except Exception as e:
+        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+
+
+def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
+    """Pickle a callable by value where needed (lambdas, closures); identical content gives the same hash."""
+    try:
+        data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+    except Exception as e:
+        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+    return Blob(blob_hash(data), data)
+
+
+class RemoteTraceback(Exception):
+    """Attached as `__cause__` of an exception raised in a task: the traceback text from the worker."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def exception_info(exc: BaseException) -> dict[str, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() of the exception failed>"
+    return {"type": f"{type(exc).__module__}.{type(exc).__qualname__}", "message": message, "traceback": tb}
+
+
+def dumps_exception(exc: BaseException) -> tuple[list[Any], dict[str, Any]]:
+    """Pickle an exception raised by user code; when it cannot be pickled, only its description travels."""
+    info: dict[str, Any] = exception_info(exc)
+    tb, exc.__traceback__ = exc.__traceback__, None
+    try:
+        return dumps(exc, "pickling the exception"), info
+    except SerializationError as e:
+        info["pickle_error"] = str(e)
+        return [], info
+    finally:
+        exc.__traceback__ = tb
+
+
+def rebuild_exception(buffers: list[Any], info: dict[str, Any]) -> BaseException:
+    """The exception to raise in the caller, with the remote traceback as its cause."""
+    tb = info.get("traceback", "")
+    if buffers:
+        try:
+            exc = loads(buffers, "unpickling the exception")
+        except SerializationError as e:
+            exc = RemoteError(
+                f"task raised {info.get('type')}: {info.get('message')} "
+                f"(the exception could not be unpickled here: {e})",
+                type_name=info.get("type", ""), remote_message=info.get("message", ""), traceback=tb)
+        else:
+            if isinstance(exc, BaseException):
+                exc.__cause__ = RemoteTraceback(tb)
+                return exc
+            exc = RemoteError(f"task raised a non-exception object of type {type(exc).__name__}", traceback=tb)
+    else:
+        exc = RemoteError(
+            f"task raised {info.get('type')}: {info.get('message')} "
+            f"(the exception could not be pickled: {info.get('pickle_error')})",
+            type_name=info.get("type", ""), remote_message=info.get("message", ""), traceback=tb)
+    return exc

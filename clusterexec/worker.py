@@ -1,0 +1,555 @@
+"""A worker node: the agent process and its task processes. `python -m clusterexec.worker HOST[:PORT]`.
+
+    master ══TCP══▶ Agent (asyncio, never runs user code, never unpickles)
+                      │ queue of tasks the master handed us (prefetched, not started)
+                      │ one idle task process ← one task: it is "started" from here on
+                      ├──socketpair──▶ task process 1: unpickle fn (cached by hash), run, pickle result
+                      ├──socketpair──▶ task process 2
+                      └── …  a process that dies mid-task is reaped, reported "lost" with its exit code
+                             or signal, and replaced; the master decides on a retry.
+
+Task processes are forked from the agent, which is single-threaded, so start-up is fast and they inherit
+the imports. Each asks the kernel to kill it if the agent dies (PR_SET_PDEATHSIG), so no process outlives
+its node. Only the agent talks to the master; it answers even while every task process runs user code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from typing import Any
+
+import cloudpickle
+
+from . import protocol as P
+from . import serialization as S
+from .auth import MissingKeyError, resolve_key
+from .connection import FramedConnection
+from .master import DEFAULT_PORT, parse_address
+
+log = logging.getLogger("clusterexec.worker")
+
+
+def default_nprocs() -> int:
+    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
+    return counter() or 1
+
+
+# ================================================================================================ agent
+
+
+class _Proc:
+    """The agent's view of one task process."""
+
+    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "status", "started_at", "killed")
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.conn: FramedConnection | None = None
+        self.task: P.Task | None = None
+        self.sent = P.BlobLRU()
+        self.dropped = False  # its task was dropped by the master: do not report a loss
+        self.eof = False
+        self.status: int | None = None
+        self.started_at = 0.0
+        self.killed = False
+
+
+class Agent:
+    """Connects to the master, supervises `nprocs` task processes, and relays tasks and results."""
+
+    def __init__(self, address: tuple[str, int], key: bytes, nprocs: int | None = None,
+                 *, connect_timeout: float = 60.0):
+        self.address = address
+        self.key = key
+        self.nprocs = nprocs or default_nprocs()
+        self.connect_timeout = connect_timeout
+        self.host = socket.gethostname()
+        self.conn: FramedConnection | None = None
+        self.procs: dict[int, _Proc] = {}
+        self.queue: deque[P.Task] = deque()
+        self.cache = P.BlobLRU()
+        self.closed = asyncio.Event()
+        self.closing = False
+        self._ready = asyncio.Event()
+        self._out_started: list[int] = []
+        self._out_results: list[tuple[int, str, list[Any], Any]] = []
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failure: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Start the task processes and connect to the master (retrying until `connect_timeout`)."""
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self.nprocs):
+            self._spawn()
+        await self._connect()
+
+    async def _connect(self) -> None:
+        loop = self._loop
+        deadline = time.monotonic() + self.connect_timeout
+        delay = 0.05
+        host, port = self.address
+        warned = False
+        while True:
+            try:
+                # Resolve in this thread: the agent must stay single-threaded so that fork() is safe.
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                last: OSError | None = None
+                for family, type_, proto, _, addr in infos:
+                    sock = socket.socket(family, type_, proto)
+                    sock.setblocking(False)
+                    try:
+                        await loop.sock_connect(sock, addr)
+                        break
+                    except OSError as e:
+                        sock.close()
+                        last = e
+                else:
+                    raise last or OSError(f"cannot resolve {host}")
+                break
+            except OSError as e:
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionError(f"cannot reach the master at {host}:{port}: {e}") from None
+                if not warned:
+                    log.warning("master at %s:%s not reachable (%s); retrying for %.0f s", host, port, e,
+                                self.connect_timeout)
+                    warned = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _, conn = await loop.create_connection(
+            lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
+                                     on_messages=self._on_master_messages, on_lost=self._on_master_lost),
+            sock=sock)
+        self.conn = conn
+        waiter = asyncio.ensure_future(self._ready.wait())
+        closed = asyncio.ensure_future(self.closed.wait())
+        await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        closed.cancel()
+        if self.failure is not None:
+            raise self.failure
+
+    def _on_ready(self, conn: FramedConnection) -> None:
+        conn.send({"t": "hello", "role": "worker", "nprocs": self.nprocs, "host": self.host, "pid": os.getpid(),
+                   "python": platform.python_version(), "cloudpickle": cloudpickle.__version__})
+
+    async def stop(self) -> None:
+        self.closing = True
+        if self.conn is not None:
+            self.conn.close()
+        for proc in list(self.procs.values()):
+            self._kill(proc)
+        deadline = time.monotonic() + 5
+        while self.procs and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+            for proc in list(self.procs.values()):
+                self._reap(proc)
+        self.closed.set()
+
+    # ------------------------------------------------------------------------------------------ master link
+
+    def _on_master_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
+        for msg in messages:
+            t = msg.type
+            h = msg.header
+            try:
+                if t == "tasks":
+                    self.queue.extend(P.decode_tasks(h["tasks"], msg.buffers, self.cache))
+                elif t == "cancel":
+                    self._cancel(int(h["key"]), [int(g) for g in h["ids"]])
+                elif t == "drop":
+                    self._drop([int(g) for g in h["ids"]])
+                elif t == "welcome":
+                    log.info("connected to master %s:%s as node %s with %d processes",
+                             *self.address, h.get("id"), self.nprocs)
+                    self._ready.set()
+                else:
+                    raise P.ProtocolError(f"unknown message type {t!r} from the master")
+            except (KeyError, TypeError, ValueError) as e:
+                raise P.ProtocolError(f"malformed {t!r} message: {e}") from None
+        self._dispatch()
+
+    def _on_master_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
+        if self.closing:
+            return
+        if isinstance(exc, P.AuthenticationError | P.VersionMismatch | P.ProtocolError):
+            self.failure = exc
+        elif not self._ready.is_set():
+            self.failure = ConnectionError(f"the master closed the connection: {exc or 'no reason given'}")
+        else:
+            log.warning("lost the connection to the master (%s); stopping", exc or "closed")
+            self.failure = ConnectionError("lost the connection to the master")
+        self._loop.create_task(self.stop())
+
+    def _cancel(self, key: int, gids: list[int]) -> None:
+        wanted = set(gids)
+        cancelled = [t.id for t in self.queue if t.id in wanted]
+        if cancelled:
+            gone = set(cancelled)
+            self.queue = deque(t for t in self.queue if t.id not in gone)
+        refused = sorted(wanted.difference(cancelled))
+        self.conn.send({"t": "cancel_reply", "key": key, "cancelled": cancelled, "refused": refused})
+
+    def _drop(self, gids: list[int]) -> None:
+        gone = set(gids)
+        self.queue = deque(t for t in self.queue if t.id not in gone)
+        for proc in self.procs.values():
+            if proc.task is not None and proc.task.id in gone:
+                proc.dropped = True
+                self._kill(proc)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        conn = self.conn
+        if conn is None or conn.closed:
+            self._out_started.clear()
+            self._out_results.clear()
+            return
+        if self._out_started:
+            done = {r[0] for r in self._out_results}
+            started = [g for g in self._out_started if g not in done]
+            if started:
+                conn.send({"t": "started", "ids": started})
+            self._out_started = []
+        if self._out_results:
+            items = []
+            buffers: list[Any] = []
+            for gid, status, bufs, info in self._out_results:
+                items.append([gid, status, len(bufs), info])
+                buffers.extend(bufs)
+            conn.send({"t": "results", "items": items}, buffers)
+            self._out_results = []
+
+    # ------------------------------------------------------------------------------------------ processes
+
+    def _dispatch(self) -> None:
+        if not self.queue:
+            return
+        for proc in self.procs.values():
+            if proc.task is None and proc.conn is not None and not proc.killed and not proc.eof:
+                if not self.queue:
+                    break
+                task = self.queue.popleft()
+                proc.task = task
+                proc.started_at = time.monotonic()
+                entries, buffers = P.encode_tasks([(task.id, task)], proc.sent)
+                proc.conn.send({"t": "run", "tasks": entries}, buffers)
+                self._out_started.append(task.id)
+        self._schedule_flush()
+
+    def _spawn(self) -> None:
+        parent_sock, child_sock = socket.socketpair()
+        gc.collect()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                parent_sock.close()
+                _task_process_main(child_sock)
+            finally:
+                os._exit(0)
+        child_sock.close()
+        proc = _Proc(pid)
+        self.procs[pid] = proc
+        parent_sock.setblocking(False)
+
+        def factory() -> FramedConnection:
+            conn = FramedConnection(role="none", key=None, on_ready=_no_op,
+                                    on_messages=self._on_proc_messages, on_lost=self._on_proc_lost)
+            conn.state = proc
+            return conn
+
+        self._loop.create_task(self._attach(proc, parent_sock, factory))
+
+    async def _attach(self, proc: _Proc, sock: socket.socket, factory) -> None:
+        _, conn = await self._loop.create_unix_connection(factory, sock=sock)
+        proc.conn = conn
+        self._dispatch()
+
+    def _on_proc_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
+        proc: _Proc = conn.state
+        for msg in messages:
+            if msg.type != "result":
+                raise P.ProtocolError(f"unexpected {msg.type!r} from a task process")
+            h = msg.header
+            task = proc.task
+            if task is None or task.id != h["id"]:
+                continue
+            proc.task = None
+            if not proc.dropped:
+                self._out_results.append((task.id, h["s"], msg.buffers, h.get("i")))
+        self._dispatch()
+        self._schedule_flush()
+
+    def _on_proc_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
+        proc: _Proc = conn.state
+        proc.eof = True
+        self._reap(proc)
+
+    def _kill(self, proc: _Proc) -> None:
+        proc.killed = True
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _reap(self, proc: _Proc) -> None:
+        """Collect a dead process: report its task as lost, start a replacement."""
+        if proc.pid not in self.procs:
+            return
+        try:
+            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = proc.pid, 0
+        if pid == 0:  # closed its socket but still exiting: look again shortly
+            if not proc.killed and proc.eof and time.monotonic() - proc.started_at > 5:
+                self._kill(proc)
+            self._loop.call_later(0.005, self._reap, proc)
+            return
+        del self.procs[proc.pid]
+        if proc.conn is not None:
+            proc.conn.close()
+        info: dict[str, Any] = {"pid": proc.pid, "host": self.host}
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            info["signal"] = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        else:
+            info["exitcode"] = os.WEXITSTATUS(status)
+        task = proc.task
+        if task is not None and not proc.dropped:
+            log.warning("task process %d died while running a task (%s); replacing it", proc.pid,
+                        f"signal {info['signal']}" if "signal" in info else f"exit code {info['exitcode']}")
+            self._out_results.append((task.id, "lost", [], info))
+            self._schedule_flush()
+        if not self.closing:
+            self._spawn()
+
+
+def _no_op(conn: FramedConnection) -> None:
+    pass
+
+
+# ================================================================================================ task process
+
+
+def _set_parent_death_signal() -> None:
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class _TaskRunner:
+    """State of one task process: the functions it has unpickled, initializers it has run."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.functions: dict[str, Any] = {}
+        self.cache = P.BlobLRU(on_evict=self._evicted)
+        self.initialized: dict[str, BaseException | None] = {}
+        self.tasks_run = 0
+
+    def _evicted(self, h: str) -> None:
+        self.functions.pop(h, None)
+        self.initialized.pop(h, None)
+
+    def _load(self, blob: P.Blob, phase: str) -> Any:
+        fn = self.functions.get(blob.hash)
+        if fn is None:
+            fn = S.loads([blob.data], phase)
+            self.functions[blob.hash] = fn
+        return fn
+
+    def serve(self) -> None:
+        reader = P.FrameReader()
+        sock = self.sock
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                return
+            for msg in reader.feed(data):
+                if msg.type != "run":
+                    continue
+                for task in P.decode_tasks(msg.header["tasks"], msg.buffers, self.cache):
+                    status, bufs, info = self.run(task)
+                    self.tasks_run += 1
+                    sock.sendall(b"".join(bytes(p) for p in P.encode(
+                        {"t": "result", "id": task.id, "s": status, "i": info}, bufs)))
+                    del bufs
+                    opts = task.opts or {}
+                    mtpc = opts.get("mtpc")
+                    if mtpc and self.tasks_run >= mtpc:
+                        return
+
+    def run(self, task: P.Task) -> tuple[str, list[Any], Any]:
+        opts = task.opts or {}
+        try:
+            fn = self._load(task.deps[0], "unpickling the function")
+            if opts.get("init"):
+                self._initialize(task.deps[1])
+            payload = S.loads(task.bufs, "unpickling the arguments")
+        except S.SerializationError as e:
+            return _error_result(e, kind="serialization", phase=e.phase)
+        except _InitializerFailed as e:
+            return _error_result(e.error, kind="initializer", phase="running the initializer")
+        if opts.get("chunk"):
+            return self._run_chunk(fn, payload)
+        args, kwargs = payload
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
+            bufs, info = S.dumps_exception(exc)
+            return "raise", bufs, info
+        try:
+            return "ok", S.dumps(value, "pickling the result"), None
+        except S.SerializationError as e:
+            return _error_result(e, kind="serialization", phase=e.phase)
+
+    def _run_chunk(self, fn: Any, arglist: list[tuple]) -> tuple[str, list[Any], Any]:
+        values = []
+        for args in arglist:
+            try:
+                values.append(fn(*args))
+            except BaseException as exc:  # noqa: BLE001
+                bufs, info = S.dumps_exception(exc)
+                try:
+                    partial = S.dumps(values, "pickling the result")
+                except S.SerializationError as e:
+                    return _error_result(e, kind="serialization", phase=e.phase)
+                info["npartial"] = len(partial)
+                return "raise", [*partial, *bufs], info
+        try:
+            return "ok", S.dumps(values, "pickling the result"), None
+        except S.SerializationError as e:
+            return _error_result(e, kind="serialization", phase=e.phase)
+
+    def _initialize(self, blob: P.Blob) -> None:
+        if blob.hash in self.initialized:
+            error = self.initialized[blob.hash]
+            if error is not None:
+                raise _InitializerFailed(error)
+            return
+        try:
+            initializer, initargs = self._load(blob, "unpickling the initializer")
+            initializer(*initargs)
+        except BaseException as exc:  # noqa: BLE001
+            self.initialized[blob.hash] = exc
+            raise _InitializerFailed(exc) from None
+        self.initialized[blob.hash] = None
+
+
+class _InitializerFailed(Exception):
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _error_result(exc: BaseException, *, kind: str, phase: str) -> tuple[str, list[Any], Any]:
+    info = S.exception_info(exc)
+    info.update(kind=kind, phase=phase, pid=os.getpid(), host=socket.gethostname())
+    return "error", [], info
+
+
+def _task_process_main(sock: socket.socket) -> None:
+    _set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the agent decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)  # the agent's event loop is not ours
+    except ValueError:
+        pass
+    gc.freeze()  # never collect (and so never close) the agent's objects inherited by fork
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    # Our socket becomes fd 3 and everything else the agent had open is closed, so the master
+    # connection and sibling sockets do not live on in this process.
+    fd = sock.detach()
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.closerange(4, 65536)
+    sock = socket.socket(fileno=3)
+    sock.setblocking(True)
+    try:
+        _TaskRunner(sock).serve()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+# ================================================================================================ CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m clusterexec.worker",
+        description="Start a clusterexec worker node: an agent and its task processes, connected to a master.")
+    parser.add_argument("address", help=f"the master, HOST or HOST:PORT (default port {DEFAULT_PORT})")
+    parser.add_argument("--nprocs", type=int, default=None, help="task processes (default: the CPU count)")
+    parser.add_argument("--authkey-file", help="file holding the shared key (default ~/.clusterexec/authkey)")
+    parser.add_argument("--authkey", help="the shared key itself (visible in `ps`; prefer a key file)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0,
+                        help="seconds to keep trying to reach the master at start (default 60)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        address = parse_address(args.address)
+        key, _ = resolve_key(args.authkey, args.authkey_file)
+    except (ValueError, MissingKeyError, OSError) as e:
+        print(f"clusterexec.worker: {e}", file=sys.stderr)
+        return 2
+    if args.nprocs is not None and args.nprocs < 1:
+        print("clusterexec.worker: --nprocs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_run(address, key, args))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _run(address: tuple[str, int], key: bytes, args: argparse.Namespace) -> int:
+    agent = Agent(address, key, args.nprocs, connect_timeout=args.connect_timeout)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: loop.create_task(agent.stop()))
+    try:
+        await agent.start()
+    except (ConnectionError, P.ProtocolError) as e:
+        print(f"clusterexec.worker: {e}", file=sys.stderr)
+        await agent.stop()
+        return 1
+    await agent.closed.wait()
+    if agent.failure is not None:
+        print(f"clusterexec.worker: {agent.failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
