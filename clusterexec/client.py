@@ -136,6 +136,8 @@ class ClientConnection:
         self._cancel_out: list[tuple[int, list[int]]] = []
         self._cancel_waiters: dict[int, tuple[threading.Event, list[set[int]]]] = {}
         self._cancel_ids = itertools.count(1)
+        self._status_waiters: deque[tuple[threading.Event, list[dict[str, Any]]]] = deque()
+        self._status_out = 0
         self._pending: dict[int, _Record] = {}
         self._ids = itertools.count(1)
         self._sent_blobs = P.BlobLRU()
@@ -207,6 +209,22 @@ class ClientConnection:
             for r in remote:
                 answer[r.id] = r.id in cancelled
         return [answer[r.id] for r in records]
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The master's view of the cluster: worker nodes, clients, queue depth."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("cluster_info() cannot be called from a done-callback")
+        event = threading.Event()
+        box: list[dict[str, Any]] = []
+        with self._lock:
+            if self.broken is not None:
+                raise ClusterUnavailable(f"the connection to the master is gone: {self.broken}")
+            self._status_waiters.append((event, box))
+            self._status_out += 1
+            self._wake_locked()
+        if not event.wait(timeout) or not box:
+            raise ClusterUnavailable(f"the master did not answer a status request within {timeout} s")
+        return box[0]
 
     def pending_futures(self) -> list[ClusterFuture]:
         with self._lock:
@@ -286,8 +304,9 @@ class ClientConnection:
             records = [r for r in self._outbox if r.state == UNSENT] + list(self._pending.values())
             self._outbox.clear()
             self._pending.clear()
-            waiters = list(self._cancel_waiters.values())
+            waiters = list(self._cancel_waiters.values()) + list(self._status_waiters)
             self._cancel_waiters.clear()
+            self._status_waiters.clear()
             self._idle.notify_all()
         for event, _ in waiters:
             event.set()
@@ -317,6 +336,7 @@ class ClientConnection:
             self._outbox = []
             cancels = self._cancel_out
             self._cancel_out = []
+            status_requests, self._status_out = self._status_out, 0
             sending = []
             for r in records:
                 if r.state == UNSENT:
@@ -328,6 +348,8 @@ class ClientConnection:
             self._queue_frame({"t": "submit", "tasks": entries}, buffers)
         for req, ids in cancels:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
+        for _ in range(status_requests):
+            self._queue_frame({"t": "status"})
 
     def _queue_frame(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         for piece in P.encode(header, buffers):
@@ -391,7 +413,11 @@ class ClientConnection:
                     if not self._pending and not self._outbox:
                         self._idle.notify_all()
             elif t == "status":
-                pass
+                with self._lock:
+                    waiter = self._status_waiters.popleft() if self._status_waiters else None
+                if waiter is not None:
+                    waiter[1].append({k: v for k, v in h.items() if k != "t"})
+                    waiter[0].set()
             else:
                 raise P.ProtocolError(f"unknown message type {t!r} from the master")
 

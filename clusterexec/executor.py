@@ -76,7 +76,7 @@ class ClusterExecutor(Executor):
             if self._local is not None:
                 self._local.stop()
             raise
-        self.address = "%s:%d" % host_port
+        self.address = f"{host_port[0]}:{host_port[1]}"
         self._max_workers = max_workers or max(1, self._conn.procs)
         self._opts: dict[str, Any] = {}
         self._init_blob = None
@@ -130,7 +130,7 @@ class ClusterExecutor(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
         end_time = None if timeout is None else timeout + time.monotonic()
-        zipped: Iterator[Any] = zip(*iterables)
+        zipped: Iterator[Any] = zip(*iterables, strict=False)
         chunked = chunksize > 1
         if chunked:
             zipped = _batched(zipped, chunksize)
@@ -202,6 +202,11 @@ class ClusterExecutor(Executor):
         self._finalizer.detach()
 
     # ------------------------------------------------------------------------------------------ misc
+
+    def cluster_info(self) -> dict[str, Any]:
+        """What the master knows: ``workers`` (host, pid, nprocs, busy, done, failed, python), ``clients``,
+        ``queued`` and ``procs``. The counterpart of minimalcluster's ``list_workers()``."""
+        return self._conn.status()
 
     def __repr__(self) -> str:
         mode = "local" if self._local is not None else "remote"

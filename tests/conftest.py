@@ -1,0 +1,144 @@
+"""Fixtures that start real master and worker processes on 127.0.0.1 and clean them up by PID."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_key_file(tmp_path_factory):
+    """Never touch the user's ~/.clusterexec: the default key file lives in a temporary directory."""
+    path = tmp_path_factory.mktemp("home") / "authkey"
+    old = os.environ.get("CLUSTEREXEC_AUTHKEY_FILE")
+    os.environ["CLUSTEREXEC_AUTHKEY_FILE"] = str(path)
+    os.environ.pop("CLUSTEREXEC_AUTHKEY", None)
+    yield path
+    if old is None:
+        os.environ.pop("CLUSTEREXEC_AUTHKEY_FILE", None)
+    else:
+        os.environ["CLUSTEREXEC_AUTHKEY_FILE"] = old
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    # Let worker processes import test modules (functions defined in tests are pickled by reference).
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+class Cluster:
+    """A master and worker nodes started from the command line, exactly as a user would."""
+
+    def __init__(self, tmp_path: Path, key: str | None = None):
+        self.key = key or secrets.token_hex(16)
+        self.key_file = tmp_path / "cluster.key"
+        self.key_file.write_text(self.key)
+        self.key_file.chmod(0o600)
+        self.log_dir = tmp_path
+        self.master: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_master(self, port: int = 0, *extra: str) -> subprocess.Popen:
+        log = open(self.log_dir / "master.log", "ab")
+        self.master = subprocess.Popen(
+            [sys.executable, "-m", "clusterexec.master", "--host", "127.0.0.1", "--port", str(port),
+             "--authkey-file", str(self.key_file), *extra],
+            stdout=subprocess.PIPE, stderr=log, env=_env())
+        line = self.master.stdout.readline().decode()
+        m = re.search(r"listening on [\d.]+:(\d+)", line)
+        if not m:
+            raise RuntimeError(f"master did not start: {line!r}; see {self.log_dir / 'master.log'}")
+        self.port = int(m.group(1))
+        return self.master
+
+    def start_worker(self, nprocs: int = 2, *extra: str, wait: bool = True) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker{len(self.workers)}.log", "ab")
+        before = len(self.info()["workers"]) if wait else 0
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "clusterexec.worker", self.address, "--nprocs", str(nprocs),
+             "--authkey-file", str(self.key_file), *extra],
+            stdout=log, stderr=subprocess.STDOUT, env=_env())
+        self.workers.append(proc)
+        if wait:
+            self.wait_for(lambda info: len(info["workers"]) > before, what="the worker to join")
+        return proc
+
+    def executor(self, **kwargs):
+        from clusterexec import ClusterExecutor
+
+        return ClusterExecutor(self.address, authkey=self.key, **kwargs)
+
+    def info(self) -> dict:
+        from clusterexec.client import ClientConnection
+        from clusterexec.master import parse_address
+
+        conn = ClientConnection(parse_address(self.address), self.key.encode(), name="test-probe")
+        try:
+            return conn.status()
+        finally:
+            conn.close()
+
+    def wait_for(self, predicate, timeout: float = 20.0, what: str = "the cluster") -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.info()
+            if predicate(info):
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}: {info}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.master]:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in [*self.workers, self.master]:
+            if proc is None:
+                continue
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout:
+                proc.stdout.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A master with one worker node of 2 task processes, started from the command line."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_master()
+        c.start_worker(2)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def empty_cluster(tmp_path):
+    """A master with no worker node yet."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_master()
+        yield c
+    finally:
+        c.stop()
