@@ -122,6 +122,8 @@ class Scheduler:
                 self.dirty_nodes.add(node)
         client.tasks.clear()
         client.queue.clear()
+        if client in self._ring:
+            self._ring.remove(client)
         for key, request in list(self._cancels.items()):
             if request.client is client:
                 del self._cancels[key]
@@ -175,13 +177,14 @@ class Scheduler:
             self._by_gid[ts.gid] = ts
             client.queue.append(ts)
         if was_empty and client.queue:
-            self._ring.append(client)
+            # A client with nothing queued gets the very next turn: it has not had one in this round.
+            self._ring.appendleft(client)
 
     def _requeue_front(self, ts: TaskState) -> None:
         client = ts.client
         ts.started = False
         if not client.queue:
-            self._ring.append(client)
+            self._ring.appendleft(client)
         client.queue.appendleft(ts)
 
     def _attempt_failed(self, ts: TaskState, info: dict[str, Any]) -> None:

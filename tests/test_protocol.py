@@ -1,0 +1,148 @@
+"""The wire format and handshake, driven directly: no sockets."""
+
+import os
+import struct
+
+import pytest
+
+from clusterexec import protocol as P
+
+
+def feed_in_pieces(reader: P.FrameReader, data: bytes, size: int) -> list[P.Message]:
+    out = []
+    for i in range(0, len(data), size):
+        out.extend(reader.feed(data[i : i + size]))
+    return out
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000, 1 << 20])
+def test_frames_survive_any_split_of_the_stream(piece):
+    frames = [
+        P.encode_bytes({"t": "a", "n": 1}),
+        P.encode_bytes({"t": "b"}, [b"x" * 100, b"", os.urandom(5000)]),
+        P.encode_bytes({"t": "c", "nested": {"k": [1, 2]}}, [b"tail"]),
+    ]
+    messages = feed_in_pieces(P.FrameReader(), b"".join(frames), piece)
+    assert [m.type for m in messages] == ["a", "b", "c"]
+    assert [bytes(b) for b in messages[1].buffers][:2] == [b"x" * 100, b""]
+    assert len(messages[1].buffers[2]) == 5000
+    assert messages[2].header["nested"] == {"k": [1, 2]}
+    assert bytes(messages[2].buffers[0]) == b"tail"
+
+
+def test_oversized_length_prefix_is_rejected_before_reading_the_body():
+    reader = P.FrameReader(max_frame=1024)
+    prefix = struct.pack("!HI", 1, 10) + struct.pack("!Q", 1 << 40)
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
+        reader.feed(prefix)
+
+
+def test_oversized_header_is_rejected():
+    with pytest.raises(P.ProtocolError, match="header"):
+        P.FrameReader(max_header=100).feed(struct.pack("!HI", 0, 10_000))
+
+
+@pytest.mark.parametrize("header", [b"not json", b"[1, 2]", b'{"no_type": 1}', b'{"t": 5}', b"\xff\xfe"])
+def test_header_that_is_not_a_typed_json_object_is_rejected(header):
+    frame = struct.pack("!HI", 0, len(header)) + header
+    with pytest.raises(P.ProtocolError):
+        P.FrameReader().feed(frame)
+
+
+def test_handshake_accepts_the_shared_key_both_ways():
+    key = b"secret"
+    server_challenge, client_challenge = P.new_challenge(), P.new_challenge()
+    proof = P.client_proof(key, P.server_hello(server_challenge), client_challenge)
+    verdict = P.server_check(key, server_challenge, proof)
+    assert verdict.startswith(P.VERDICT_OK)
+    P.client_check(key, client_challenge, verdict)
+
+
+def test_handshake_with_a_wrong_key_is_refused_with_a_clear_error():
+    server_challenge, client_challenge = P.new_challenge(), P.new_challenge()
+    proof = P.client_proof(b"wrong", P.server_hello(server_challenge), client_challenge)
+    verdict = P.server_check(b"right", server_challenge, proof)
+    assert verdict.startswith(P.VERDICT_WRONG_KEY)
+    with pytest.raises(P.AuthenticationError, match="rejected our authentication key"):
+        P.client_check(b"wrong", client_challenge, verdict)
+
+
+def test_a_server_that_does_not_know_the_key_cannot_impersonate_the_master():
+    server_challenge, client_challenge = P.new_challenge(), P.new_challenge()
+    P.client_proof(b"key", P.server_hello(server_challenge), client_challenge)
+    forged = P.VERDICT_OK + os.urandom(P.DIGEST_SIZE)
+    with pytest.raises(P.AuthenticationError, match="could not prove"):
+        P.client_check(b"key", client_challenge, forged)
+
+
+def test_a_replayed_proof_fails_against_a_new_challenge():
+    key = b"k"
+    first = P.new_challenge()
+    proof = P.client_proof(key, P.server_hello(first), P.new_challenge())
+    assert P.server_check(key, P.new_challenge(), proof).startswith(P.VERDICT_WRONG_KEY)
+
+
+def test_version_mismatch_is_named_on_both_sides():
+    hello = P.SERVER_HELLO.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, P.new_challenge())
+    with pytest.raises(P.VersionMismatch, match="protocol"):
+        P.client_proof(b"k", hello, P.new_challenge())
+    challenge = P.new_challenge()
+    old_proof = P.CLIENT_PROOF.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, bytes(32), P.new_challenge())
+    verdict = P.server_check(b"k", challenge, old_proof)
+    with pytest.raises(P.VersionMismatch):
+        P.client_check(b"k", P.new_challenge(), verdict)
+
+
+def test_not_a_clusterexec_server_is_named():
+    with pytest.raises(P.ProtocolError, match="not a clusterexec master"):
+        P.client_proof(b"k", b"HTTP/1.1 400 Bad Request\r\n\r\n" + bytes(10), P.new_challenge())
+
+
+def blob(data: bytes) -> P.Blob:
+    return P.Blob(P.blob_hash(data), data)
+
+
+def relay(tasks, sender_lru, receiver_lru):
+    entries, buffers = P.encode_tasks(((t.id, t) for t in tasks), sender_lru)
+    frame = P.encode_bytes({"t": "tasks", "tasks": entries}, buffers)
+    (message,) = P.FrameReader().feed(frame)
+    return P.decode_tasks(message.header["tasks"], message.buffers, receiver_lru), buffers
+
+
+def test_a_function_blob_crosses_a_connection_once():
+    fn = blob(b"function" * 1000)
+    sender, receiver = P.BlobLRU(), P.BlobLRU()
+    first, buffers1 = relay([P.Task(1, [fn], [b"a"]), P.Task(2, [fn], [b"b"])], sender, receiver)
+    second, buffers2 = relay([P.Task(3, [fn], [b"c"])], sender, receiver)
+    assert sum(len(b) for b in buffers1) == len(fn.data) + 2
+    assert sum(len(b) for b in buffers2) == 1
+    for task in [*first, *second]:
+        assert bytes(task.deps[0].data) == fn.data
+    assert [bytes(t.bufs[0]) for t in first + second] == [b"a", b"b", b"c"]
+
+
+def test_mirrored_caches_evict_the_same_blobs_and_resend_them():
+    sender, receiver = P.BlobLRU(max_items=2), P.BlobLRU(max_items=2)
+    blobs = [blob(bytes([i]) * 10) for i in range(3)]
+    sequence = [0, 1, 2, 0, 1, 1, 2, 0]
+    for i, which in enumerate(sequence):
+        (task,), _ = relay([P.Task(i, [blobs[which]], [])], sender, receiver)
+        assert bytes(task.deps[0].data) == blobs[which].data
+        assert list(sender._items) == list(receiver._items)
+
+
+def test_a_task_referring_to_an_unknown_blob_is_a_protocol_error():
+    entries = [[1, ["0" * 32], [0], 0, None]]
+    with pytest.raises(P.ProtocolError, match="never sent"):
+        P.decode_tasks(entries, [], P.BlobLRU())
+
+
+@pytest.mark.parametrize("entries,nbufs", [
+    ([[1, [], [], 5, None]], 1),   # claims more buffers than present
+    ([[1, [], [], 0, None]], 1),   # leaves a buffer unclaimed
+    ([[1, [], []]], 0),            # too short
+    ([["x", [], [], 0, None]], 0),  # id not a number
+])
+def test_malformed_task_entries_are_protocol_errors(entries, nbufs):
+    with pytest.raises(P.ProtocolError):
+        P.decode_tasks(entries, [memoryview(b"x")] * nbufs, P.BlobLRU())

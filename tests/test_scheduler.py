@@ -1,0 +1,192 @@
+"""The master's scheduling state, driven directly: no sockets, no processes."""
+
+from clusterexec.protocol import Task
+from clusterexec.scheduler import Scheduler
+
+
+def tasks(*ids, **opts):
+    return [Task(i, [], [], opts or None) for i in ids]
+
+
+def assigned(sched, node_id):
+    node = sched.nodes[node_id]
+    out = [(ts.client.id, ts.task.id) for ts in node.out_tasks]
+    node.out_tasks = []
+    return out
+
+
+def deliveries(sched, client_id):
+    client = sched.clients[client_id]
+    out = client.out_results
+    client.out_results = []
+    return [(tid, status) for tid, status, _, _ in out]
+
+
+def test_clients_are_served_round_robin_not_first_come_first_served():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_client(2)
+    s.submit(1, tasks(*range(1000)))
+    s.add_node(10, nprocs=1)
+    s.schedule()
+    assert assigned(s, 10) == [(1, 0)]
+    s.submit(2, tasks(0))
+    # Finish the running task; the next slot goes to client 2, not to client 1's 999 others.
+    (gid,) = list(s.nodes[10].assigned)
+    s.result(10, gid, "ok", [], None)
+    s.schedule()
+    assert assigned(s, 10) == [(2, 0)]
+
+
+def test_a_node_gets_its_processes_plus_prefetch_and_no_more():
+    s = Scheduler()
+    s.add_client(1)
+    s.submit(1, tasks(*range(100)))
+    s.add_node(10, nprocs=3)
+    s.schedule()
+    assert len(assigned(s, 10)) == 6
+
+
+def test_a_node_joining_later_gets_queued_work_at_once():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(*range(10)))
+    s.schedule()
+    assigned(s, 10)
+    s.add_node(11, nprocs=2)
+    s.schedule()
+    assert [t for _, t in assigned(s, 11)] == [1, 2]
+
+
+def test_a_lost_task_is_retried_first_then_fails_after_its_budget():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(7, 8))
+    for attempt in range(3):
+        s.schedule()
+        assert assigned(s, 10) == [(1, 7)], f"attempt {attempt}: the retried task goes first"
+        (gid,) = list(s.nodes[10].assigned)
+        s.started(10, [gid])
+        s.result(10, gid, "lost", [], {"pid": 99, "signal": "SIGKILL"})
+    (item,) = s.clients[1].out_results
+    assert item[:2] == (7, "lost") and item[3]["attempts"] == 3 and item[3]["signal"] == "SIGKILL"
+    s.schedule()
+    assert assigned(s, 10) == [(1, 8)]
+
+
+def test_retry_budget_is_per_task():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, retries=0))
+    s.schedule()
+    (gid,) = list(s.nodes[10].assigned)
+    s.started(10, [gid])
+    s.result(10, gid, "lost", [], {"exitcode": 3})
+    (item,) = s.clients[1].out_results
+    assert item[1] == "lost" and item[3]["attempts"] == 1 and item[3]["exitcode"] == 3
+
+
+def test_node_loss_requeues_unstarted_tasks_without_counting_an_attempt_and_keeps_order():
+    s = Scheduler(prefetch=1)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2, 3))
+    s.schedule()
+    assert [t for _, t in assigned(s, 10)] == [1, 2]
+    s.remove_node(10)
+    s.add_node(11, nprocs=2)
+    s.schedule()
+    assert [t for _, t in assigned(s, 11)] == [1, 2, 3]
+    assert all(ts.attempts == 0 for ts in s.nodes[11].assigned.values())
+
+
+def test_a_duplicate_result_is_delivered_once():
+    s = Scheduler()
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1))
+    s.schedule()
+    (gid,) = list(s.nodes[10].assigned)
+    s.result(10, gid, "ok", [], None)
+    s.result(10, gid, "ok", [], None)
+    assert deliveries(s, 1) == [(1, "ok")]
+
+
+def test_cancel_of_a_queued_task_is_immediate_and_it_is_never_assigned():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2, 3))
+    s.schedule()
+    assigned(s, 10)
+    s.cancel(1, req=5, task_ids=[2])
+    assert s.clients[1].out_cancel_replies == [{"req": 5, "cancelled": [2], "refused": []}]
+    (gid,) = list(s.nodes[10].assigned)
+    s.result(10, gid, "ok", [], None)
+    s.schedule()
+    assert [t for _, t in assigned(s, 10)] == [3]
+
+
+def test_cancel_of_a_started_task_is_refused():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1))
+    s.schedule()
+    (gid,) = list(s.nodes[10].assigned)
+    s.started(10, [gid])
+    s.cancel(1, req=1, task_ids=[1])
+    assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [], "refused": [1]}]
+
+
+def test_cancel_of_a_prefetched_task_asks_the_node_and_answers_when_it_replies():
+    s = Scheduler(prefetch=1)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2))
+    s.schedule()
+    gids = {ts.task.id: ts.gid for ts in s.nodes[10].assigned.values()}
+    s.started(10, [gids[1]])
+    s.cancel(1, req=9, task_ids=[2])
+    assert s.clients[1].out_cancel_replies == []
+    ((key, asked),) = s.nodes[10].out_cancel
+    assert asked == [gids[2]]
+    s.cancel_reply(10, key, cancelled=[gids[2]], refused=[])
+    assert s.clients[1].out_cancel_replies == [{"req": 9, "cancelled": [2], "refused": []}]
+    assert gids[2] not in s.nodes[10].assigned
+
+
+def test_a_cancel_waiting_on_a_node_that_dies_counts_as_cancelled_not_retried():
+    s = Scheduler(prefetch=1)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2))
+    s.schedule()
+    s.cancel(1, req=3, task_ids=[2])
+    s.remove_node(10)
+    (reply,) = s.clients[1].out_cancel_replies
+    assert reply["cancelled"] == [2]
+    s.add_node(11, nprocs=4)
+    s.schedule()
+    assert [t for _, t in assigned(s, 11)] == [1]
+
+
+def test_a_leaving_client_has_its_queue_dropped_and_its_running_tasks_stopped():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_client(2)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(*range(5)))
+    s.schedule()
+    assigned(s, 10)
+    s.submit(2, tasks(0))
+    (gid,) = list(s.nodes[10].assigned)
+    s.remove_client(1)
+    assert s.nodes[10].out_drop == [gid]
+    s.schedule()
+    assert assigned(s, 10) == [(2, 0)]
+    s.result(10, gid, "ok", [], None)  # a late result of a gone client is ignored
+    assert 1 not in s.clients
