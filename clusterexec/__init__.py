@@ -19,7 +19,7 @@ from .errors import (  # noqa: E402
     WorkerLostError,
 )
 from .executor import ClusterExecutor  # noqa: E402
-from .master import DEFAULT_PORT  # noqa: E402
+from .address import DEFAULT_PORT  # noqa: E402
 
 __all__ = [
     "DEFAULT_PORT",

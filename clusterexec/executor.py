@@ -25,9 +25,8 @@ from . import serialization as S
 from .auth import resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
 from .errors import SerializationError
-from .local import LocalCluster
-from .master import DEFAULT_PORT, parse_address
-from .worker import default_nprocs
+from .address import DEFAULT_PORT, parse_address
+from .local import LocalCluster, default_nprocs
 
 
 class ClusterExecutor(Executor):

@@ -26,6 +26,12 @@ import time
 from .errors import ClusterUnavailable
 
 
+def default_nprocs() -> int:
+    """Task processes per node when not told: the CPUs this process may use."""
+    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
+    return counter() or 1
+
+
 class LocalCluster:
     """Start and stop the private master and node of a local-mode executor."""
 

@@ -27,32 +27,12 @@ from typing import Any
 
 from . import __version__
 from . import protocol as P
+from .address import DEFAULT_PORT
 from .auth import MissingKeyError, resolve_key
 from .connection import FramedConnection
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
-
-DEFAULT_PORT = 7070
-
-
-def parse_address(address: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """"host", "host:port", "[v6]:port" or ":port" → (host, port)."""
-    address = address.strip()
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest.lstrip(":")
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, ""
-    if not port:
-        return host or "127.0.0.1", default_port
-    try:
-        return host or "127.0.0.1", int(port)
-    except ValueError:
-        raise ValueError(f"invalid address {address!r}: the port must be a number, as in HOST:{default_port}") from None
-
 
 class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""

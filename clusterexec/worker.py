@@ -35,14 +35,10 @@ from . import protocol as P
 from . import serialization as S
 from .auth import MissingKeyError, resolve_key
 from .connection import FramedConnection
-from .master import DEFAULT_PORT, parse_address
+from .address import DEFAULT_PORT, parse_address
+from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
-
-
-def default_nprocs() -> int:
-    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
-    return counter() or 1
 
 
 # ================================================================================================ agent
@@ -51,7 +47,7 @@ def default_nprocs() -> int:
 class _Proc:
     """The agent's view of one task process."""
 
-    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "status", "started_at", "killed")
+    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "status", "started_at", "killed", "runs", "retiring")
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -63,6 +59,8 @@ class _Proc:
         self.status: int | None = None
         self.started_at = 0.0
         self.killed = False
+        self.runs = 0  # results received, counted as the task process counts them for max_tasks_per_child
+        self.retiring = False  # reached max_tasks_per_child: it exits on its own, give it no task
 
 
 class Agent:
@@ -245,7 +243,7 @@ class Agent:
         if not self.queue:
             return
         for proc in self.procs.values():
-            if proc.task is None and proc.conn is not None and not proc.killed and not proc.eof:
+            if proc.task is None and proc.conn is not None and not proc.killed and not proc.eof and not proc.retiring:
                 if not self.queue:
                     break
                 task = self.queue.popleft()
@@ -291,8 +289,12 @@ class Agent:
                 raise P.ProtocolError(f"unexpected {msg.type!r} from a task process")
             h = msg.header
             task = proc.task
+            proc.runs += 1
             if task is None or task.id != h["id"]:
                 continue
+            mtpc = (task.opts or {}).get("mtpc")
+            if mtpc and proc.runs >= mtpc:
+                proc.retiring = True
             proc.task = None
             if not proc.dropped:
                 self._out_results.append((task.id, h["s"], msg.buffers, h.get("i")))

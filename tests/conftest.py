@@ -87,7 +87,7 @@ class Cluster:
 
     def info(self) -> dict:
         from clusterexec.client import ClientConnection
-        from clusterexec.master import parse_address
+        from clusterexec.address import parse_address
 
         conn = ClientConnection(parse_address(self.address), self.key.encode(), name="test-probe")
         try:
