@@ -11,6 +11,7 @@ With no address the executor starts its own master and node on this machine (`lo
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
@@ -22,10 +23,10 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from . import serialization as S
+from .address import DEFAULT_PORT, parse_address
 from .auth import resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
 from .errors import SerializationError
-from .address import DEFAULT_PORT, parse_address
 from .local import LocalCluster, default_nprocs
 
 
@@ -88,9 +89,12 @@ class ClusterExecutor(Executor):
         self._shutdown = False
         if self._local is not None:
             self._conn.on_close(self._local.stop)
-        # Garbage collection or interpreter exit with the executor still open: finish what is pending,
-        # then close and stop local mode, leaving no process behind.
+        # Garbage collected while still open: finish what is pending in the background, then close and
+        # stop local mode. Interpreter exit with the executor open: wait for pending work, as
+        # ProcessPoolExecutor does (see _shutdown_at_exit). Either way no process is left behind.
         self._finalizer = weakref.finalize(self, self._conn.close, True)
+        self._finalizer.atexit = False
+        _open_executors.add(self)
 
     # ------------------------------------------------------------------------------------------ submit
 
@@ -199,6 +203,7 @@ class ClusterExecutor(Executor):
         else:
             self._conn.close(wait_idle=True)
         self._finalizer.detach()
+        _open_executors.discard(self)
 
     # ------------------------------------------------------------------------------------------ misc
 
@@ -213,6 +218,14 @@ class ClusterExecutor(Executor):
 
 
 _END = object()
+_open_executors: weakref.WeakSet[ClusterExecutor] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    for executor in list(_open_executors):
+        if not executor._shutdown:
+            executor.shutdown(wait=True)
 
 
 def _default_name() -> str:

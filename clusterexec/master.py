@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Start a clusterexec master: the router between clients and worker nodes.")
     parser.add_argument("--host", default="0.0.0.0",
                         help="interface to listen on (default: all; use 127.0.0.1 for this machine only)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"TCP port (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--authkey-file", help="file holding the shared key (default ~/.clusterexec/authkey, "
                                                "created with owner-only permissions if missing)")
     parser.add_argument("--authkey", help="the shared key itself (visible to other users in `ps`; prefer a key file "

@@ -323,7 +323,8 @@ def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> lis
     return tasks
 
 
-def split_buffers(items: Sequence[Sequence[Any]], buffers: list[memoryview], count_index: int = 2) -> list[list[memoryview]]:
+def split_buffers(items: Sequence[Sequence[Any]], buffers: list[memoryview],
+                  count_index: int = 2) -> list[list[memoryview]]:
     """Give each result item its buffers (item[count_index] says how many); validates counts."""
     out = []
     pos = 0

@@ -33,9 +33,9 @@ import cloudpickle
 
 from . import protocol as P
 from . import serialization as S
+from .address import DEFAULT_PORT, parse_address
 from .auth import MissingKeyError, resolve_key
 from .connection import FramedConnection
-from .address import DEFAULT_PORT, parse_address
 from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
@@ -56,7 +56,7 @@ class _Proc:
         self.sent = P.BlobLRU()
         self.dropped = False  # its task was dropped by the master: do not report a loss
         self.eof = False
-        self.status: int | None = None
+        self.eof_at = 0.0
         self.started_at = 0.0
         self.killed = False
         self.runs = 0  # results received, counted as the task process counts them for max_tasks_per_child
@@ -256,7 +256,6 @@ class Agent:
 
     def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()
-        gc.collect()
         pid = os.fork()
         if pid == 0:  # child
             try:
@@ -304,6 +303,7 @@ class Agent:
     def _on_proc_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
         proc: _Proc = conn.state
         proc.eof = True
+        proc.eof_at = time.monotonic()
         self._reap(proc)
 
     def _kill(self, proc: _Proc) -> None:
@@ -322,8 +322,8 @@ class Agent:
         except ChildProcessError:
             pid, status = proc.pid, 0
         if pid == 0:  # closed its socket but still exiting: look again shortly
-            if not proc.killed and proc.eof and time.monotonic() - proc.started_at > 5:
-                self._kill(proc)
+            if not proc.killed and proc.eof and time.monotonic() - proc.eof_at > 5:
+                self._kill(proc)  # it closed its connection but lingers: it is of no use any more
             self._loop.call_later(0.005, self._reap, proc)
             return
         del self.procs[proc.pid]
