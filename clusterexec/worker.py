@@ -47,7 +47,7 @@ log = logging.getLogger("clusterexec.worker")
 class _Proc:
     """The agent's view of one task process."""
 
-    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "status", "started_at", "killed", "runs", "retiring")
+    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "eof_at", "started_at", "killed", "runs", "retiring")
 
     def __init__(self, pid: int):
         self.pid = pid
