@@ -169,7 +169,8 @@ class ClientConnection:
         return future
 
     def _wake_locked(self) -> None:
-        if not self._woken:
+        # Once broken, the IO thread has exited and closed the wake pipe (its fd numbers may be reused).
+        if not self._woken and self.broken is None:
             self._woken = True
             try:
                 os.write(self._wake_w, b"\0")
@@ -240,6 +241,8 @@ class ClientConnection:
     def close(self, wait_idle: bool = False) -> None:
         """Close now, or (wait_idle) once nothing is pending; pending Futures fail if closed under them."""
         with self._lock:
+            if self.broken is not None:
+                return  # already closed: the IO thread is gone and the wake pipe's fds are closed (maybe reused)
             if wait_idle:
                 self._close_when_idle = True
             else:
@@ -405,6 +408,11 @@ class ClientConnection:
                     if record is not None:
                         record.state = CANCELLED_HERE
                         record.task = None
+                for tid in h["refused"]:
+                    # Refused means a task process has it: it is running, even if "started" is still on its way.
+                    record = self._pending.get(tid)
+                    if record is not None and record.future._state == PENDING:
+                        record.future.set_running_or_notify_cancel()
                 waiter = self._cancel_waiters.pop(h["req"], None)
                 if waiter is not None:
                     waiter[1].append(cancelled)

@@ -40,6 +40,8 @@ from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
 
+STARTED_DELAY = 0.002  # seconds a task runs before the master (and the Future) hear it started
+
 
 # ================================================================================================ agent
 
@@ -83,6 +85,7 @@ class Agent:
         self._out_started: list[int] = []
         self._out_results: list[tuple[int, str, list[Any], Any]] = []
         self._flush_scheduled = False
+        self._started_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failure: BaseException | None = None
 
@@ -215,6 +218,16 @@ class Agent:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _flush_started(self) -> None:
+        """Tell the master which tasks are running, a moment late on purpose: a short task's result
+        usually arrives first, and then no "started" message travels at all for it."""
+        self._started_scheduled = False
+        running = {p.task.id for p in self.procs.values() if p.task is not None}
+        started = [g for g in self._out_started if g in running]
+        self._out_started = []
+        if started and self.conn is not None and not self.conn.closed:
+            self.conn.send({"t": "started", "ids": started})
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         conn = self.conn
@@ -222,12 +235,6 @@ class Agent:
             self._out_started.clear()
             self._out_results.clear()
             return
-        if self._out_started:
-            done = {r[0] for r in self._out_results}
-            started = [g for g in self._out_started if g not in done]
-            if started:
-                conn.send({"t": "started", "ids": started})
-            self._out_started = []
         if self._out_results:
             items = []
             buffers: list[Any] = []
@@ -252,7 +259,9 @@ class Agent:
                 entries, buffers = P.encode_tasks([(task.id, task)], proc.sent)
                 proc.conn.send({"t": "run", "tasks": entries}, buffers)
                 self._out_started.append(task.id)
-        self._schedule_flush()
+        if self._out_started and not self._started_scheduled:
+            self._started_scheduled = True
+            self._loop.call_later(STARTED_DELAY, self._flush_started)
 
     def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()
