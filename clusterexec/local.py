@@ -100,7 +100,7 @@ async def _child(config: dict, port_fd: int) -> None:
     master = Master(key)
     _, port = await master.start("127.0.0.1", 0)
     agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
-    await agent.start()
+    await agent.start(link=master.local_link())
     os.write(port_fd, f"{port}\n".encode())
     os.close(port_fd)
     loop = asyncio.get_running_loop()

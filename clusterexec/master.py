@@ -29,7 +29,7 @@ from . import __version__
 from . import protocol as P
 from .address import DEFAULT_PORT
 from .auth import MissingKeyError, resolve_key
-from .connection import FramedConnection
+from .connection import FramedConnection, LinkEnd, local_link
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
@@ -63,6 +63,12 @@ class Master:
             self.server.close()
         for conn in [*self._client_conn.values(), *self._node_conn.values()]:
             conn.close()
+
+    def local_link(self) -> LinkEnd:
+        """An in-process connection for an agent running in this event loop; returns the agent's end."""
+        mine, theirs = local_link(self._loop)
+        mine.bind(_no_op, self._on_messages, self._on_lost)
+        return theirs
 
     def _new_connection(self) -> FramedConnection:
         return FramedConnection(role="server", key=self.key, on_ready=_no_op,
@@ -304,7 +310,7 @@ async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
     if args.workers:
         from .worker import Agent
         agent = Agent(("127.0.0.1", port), key, nprocs=args.workers)
-        await agent.start()
+        await agent.start(link=master.local_link())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

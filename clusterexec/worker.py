@@ -35,7 +35,7 @@ from . import protocol as P
 from . import serialization as S
 from .address import DEFAULT_PORT, parse_address
 from .auth import MissingKeyError, resolve_key
-from .connection import FramedConnection
+from .connection import FramedConnection, LinkEnd
 from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
@@ -91,12 +91,20 @@ class Agent:
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Start the task processes and connect to the master (retrying until `connect_timeout`)."""
+    async def start(self, link: LinkEnd | None = None) -> None:
+        """Start the task processes and connect to the master (retrying until `connect_timeout`).
+
+        `link`: the agent's end of an in-process link to a master in this event loop, instead of TCP.
+        """
         self._loop = asyncio.get_running_loop()
         for _ in range(self.nprocs):
             self._spawn()
-        await self._connect()
+        if link is not None:
+            self.conn = link
+            link.bind(self._on_ready, self._on_master_messages, self._on_master_lost)
+            await self._wait_welcome()
+        else:
+            await self._connect()
 
     async def _connect(self) -> None:
         loop = self._loop
@@ -136,6 +144,9 @@ class Agent:
                                      on_messages=self._on_master_messages, on_lost=self._on_master_lost),
             sock=sock)
         self.conn = conn
+        await self._wait_welcome()
+
+    async def _wait_welcome(self) -> None:
         waiter = asyncio.ensure_future(self._ready.wait())
         closed = asyncio.ensure_future(self.closed.wait())
         await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
