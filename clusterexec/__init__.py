@@ -7,6 +7,8 @@
 
 __version__ = "0.1.0"
 
+from .address import DEFAULT_PORT  # noqa: E402
+from .auth import MissingKeyError  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
     ClusterError,
@@ -19,7 +21,6 @@ from .errors import (  # noqa: E402
     WorkerLostError,
 )
 from .executor import ClusterExecutor  # noqa: E402
-from .address import DEFAULT_PORT  # noqa: E402
 
 __all__ = [
     "DEFAULT_PORT",
@@ -28,6 +29,7 @@ __all__ = [
     "ClusterExecutor",
     "ClusterUnavailable",
     "InitializerError",
+    "MissingKeyError",
     "ProtocolError",
     "RemoteError",
     "SerializationError",

@@ -3,8 +3,8 @@
 Order of precedence, the same for master, worker and client:
 
     1. the key given explicitly (`authkey=` / `--authkey`)
-    2. the CLUSTEREXEC_AUTHKEY environment variable
-    3. the key file given explicitly (`--authkey-file`)
+    2. the key file given explicitly (`--authkey-file`)
+    3. the CLUSTEREXEC_AUTHKEY environment variable
     4. the default key file: $CLUSTEREXEC_AUTHKEY_FILE, else ~/.clusterexec/authkey
 
 Only the master creates the default key file (owner-only permissions) when no key exists anywhere; on a
@@ -27,7 +27,7 @@ ENV_KEY_FILE = "CLUSTEREXEC_AUTHKEY_FILE"
 
 
 class MissingKeyError(RuntimeError):
-    """No authentication key was given and no key file exists."""
+    """No authentication key was given and no key file exists (exported as `clusterexec.MissingKeyError`)."""
 
 
 def default_key_file() -> Path:
@@ -69,9 +69,6 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
         if not key:
             raise MissingKeyError("the authentication key is empty")
         return key, "the given key"
-    env = os.environ.get(ENV_KEY)
-    if env:
-        return _as_bytes(env), f"${ENV_KEY}"
     if key_file is not None:
         path = Path(key_file).expanduser()
         if not path.exists():
@@ -80,6 +77,9 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
             create_key_file(path)
             log.info("created key file %s", path)
         return read_key_file(path), f"key file {path}"
+    env = os.environ.get(ENV_KEY)
+    if env:
+        return _as_bytes(env), f"${ENV_KEY}"
     path = default_key_file()
     if path.exists():
         return read_key_file(path), f"key file {path}"
