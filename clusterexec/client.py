@@ -63,7 +63,17 @@ class ClusterFuture(Future):
         record = self._cx_record
         if record is not None and not record.conn.cancel([record])[0]:
             return False
-        return super().cancel()
+        if not super().cancel():
+            return False
+        self._notify_cancelled()
+        return True
+
+    def _notify_cancelled(self) -> None:
+        """Count a cancelled Future as done in `wait()` and `as_completed()` now: no executor thread will
+        ever dequeue it to do so (ProcessPoolExecutor's does), so without this they would wait forever."""
+        with self._condition:
+            if self._state == CANCELLED:
+                self.set_running_or_notify_cancel()
 
 
 class _Record:
@@ -123,6 +133,12 @@ class ClientConnection:
         except TimeoutError:
             sock.close()
             raise ClusterUnavailable(f"the master at {host}:{port} did not answer within {connect_timeout} s") from None
+        except (P.AuthenticationError, P.VersionMismatch, P.ProtocolError):
+            sock.close()
+            raise
+        except OSError as e:  # it hung up or reset the connection during the handshake
+            sock.close()
+            raise ClusterUnavailable(f"the master at {host}:{port} dropped the connection: {e}") from None
         except BaseException:
             sock.close()
             raise

@@ -86,6 +86,12 @@ class FramedConnection(asyncio.Protocol):
                 self.fail(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed and self.role != "none":  # the peer went away (we did not close it)
+            if not self.ready and self.role == "server":
+                log.info("connection from %s closed before authenticating", self.peer)
+            elif self.reader.buffered:
+                log.warning("connection with %s closed in the middle of a frame (%d bytes unread)",
+                            self.peer, self.reader.buffered)
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()

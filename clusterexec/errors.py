@@ -9,8 +9,6 @@ from __future__ import annotations
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from .protocol import AuthenticationError, ProtocolError, VersionMismatch
-
 __all__ = [
     "AuthenticationError",
     "ClusterError",
@@ -26,6 +24,18 @@ __all__ = [
 
 class ClusterError(Exception):
     """Base class of the errors clusterexec itself raises."""
+
+
+class ProtocolError(ClusterError):
+    """A peer sent bytes that are not a valid clusterexec frame (or is not a clusterexec peer at all)."""
+
+
+class AuthenticationError(ClusterError, ConnectionError):
+    """The other side does not share our key."""
+
+
+class VersionMismatch(ClusterError, ConnectionError):
+    """The other side speaks another version of the clusterexec protocol."""
 
 
 class WorkerLostError(ClusterError, BrokenProcessPool):

@@ -251,8 +251,8 @@ def _cancel_all(futures: Iterable[Future]) -> None:
             by_conn.setdefault(record.conn, []).append(record)
     for conn, records in by_conn.items():
         for record, ok in zip(records, conn.cancel(records), strict=True):
-            if ok:
-                Future.cancel(record.future)
+            if ok and Future.cancel(record.future):
+                record.future._notify_cancelled()
 
 
 def _batched(iterator: Iterator[Any], n: int) -> Iterator[list[Any]]:

@@ -88,7 +88,7 @@ class Master:
                     self._hello(conn, msg.header)
                 else:
                     raise P.ProtocolError(f"expected hello, got {msg.type!r}")
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
                 raise P.ProtocolError(f"malformed {msg.type!r} message: {type(e).__name__}: {e}") from None
             if conn.closed:
                 return

@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import AuthenticationError, ProtocolError, VersionMismatch  # noqa: F401 - raised from here
+
 PROTOCOL_VERSION = 1
 MAGIC = b"CLEX"
 CHALLENGE_SIZE = 32
@@ -56,16 +58,6 @@ DEFAULT_MAX_FRAME = 16 * 1024 * 1024 * 1024
 MAX_BUFFERS = 65535
 
 
-class ProtocolError(Exception):
-    """A peer sent bytes that are not a valid clusterexec frame."""
-
-
-class AuthenticationError(ConnectionError):
-    """The other side does not share our key (or is not a clusterexec peer at all)."""
-
-
-class VersionMismatch(ConnectionError):
-    """The other side speaks another version of the clusterexec protocol."""
 
 
 # ---------------------------------------------------------------------------------------------- handshake
@@ -316,7 +308,7 @@ def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> lis
                 raise ProtocolError("task entry claims more buffers than the frame has")
             tasks.append(Task(int(task_id), deps, buffers[pos : pos + nbufs], opts))
             pos += nbufs
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError) as e:
         raise ProtocolError(f"malformed task entry: {e}") from None
     if pos != len(buffers):
         raise ProtocolError("frame has buffers that no task claims")

@@ -36,6 +36,7 @@ class TaskState:
     started: bool = False
     cancelled: bool = False
     cancel_key: int | None = None  # a cancel request waits on this task's node
+    suspect: bool = False  # its node died before confirming whether it had started it
     done: bool = False
 
     @property
@@ -161,6 +162,11 @@ class Scheduler:
             if ts.started:
                 self._attempt_failed(ts, lost)
             else:
+                # It may have been running without our knowing yet (nodes report starts a moment late).
+                # Next time its node confirms the start at once, so a task that kills whole nodes
+                # cannot escape its retry budget.
+                ts.task.opts = dict(ts.task.opts or {}, confirm=1)
+                ts.suspect = True
                 self._requeue_front(ts)
         node.assigned.clear()
 
@@ -188,7 +194,9 @@ class Scheduler:
         client.queue.appendleft(ts)
 
     def _attempt_failed(self, ts: TaskState, info: dict[str, Any]) -> None:
-        ts.attempts += 1
+        # A suspect that now fails again after a confirmed start probably killed that earlier node too.
+        ts.attempts += 2 if ts.suspect else 1
+        ts.suspect = False
         if ts.attempts > ts.retries:
             info = dict(info, attempts=ts.attempts)
             self._finish(ts, "lost", [], info)

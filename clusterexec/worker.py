@@ -229,10 +229,15 @@ class Agent:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _started_timer(self) -> None:
+        self._started_scheduled = False
+        self._flush_started()
+
     def _flush_started(self) -> None:
         """Tell the master which tasks are running, a moment late on purpose: a short task's result
         usually arrives first, and then no "started" message travels at all for it."""
-        self._started_scheduled = False
+        if not self._out_started:
+            return
         running = {p.task.id for p in self.procs.values() if p.task is not None}
         started = [g for g in self._out_started if g in running]
         self._out_started = []
@@ -267,12 +272,15 @@ class Agent:
                 task = self.queue.popleft()
                 proc.task = task
                 proc.started_at = time.monotonic()
+                self._out_started.append(task.id)
+                if task.opts and task.opts.get("confirm"):
+                    # Suspected of killing its node: the master hears of the start before the task can run.
+                    self._flush_started()
                 entries, buffers = P.encode_tasks([(task.id, task)], proc.sent)
                 proc.conn.send({"t": "run", "tasks": entries}, buffers)
-                self._out_started.append(task.id)
         if self._out_started and not self._started_scheduled:
             self._started_scheduled = True
-            self._loop.call_later(STARTED_DELAY, self._flush_started)
+            self._loop.call_later(STARTED_DELAY, self._started_timer)
 
     def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()

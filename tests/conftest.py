@@ -86,8 +86,8 @@ class Cluster:
         return ClusterExecutor(self.address, authkey=self.key, **kwargs)
 
     def info(self) -> dict:
-        from clusterexec.client import ClientConnection
         from clusterexec.address import parse_address
+        from clusterexec.client import ClientConnection
 
         conn = ClientConnection(parse_address(self.address), self.key.encode(), name="test-probe")
         try:
@@ -139,6 +139,18 @@ def empty_cluster(tmp_path):
     c = Cluster(tmp_path)
     try:
         c.start_master()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def debug_cluster(tmp_path):
+    """Like `cluster`, but master and worker log at DEBUG level (to check what the logs may contain)."""
+    c = Cluster(tmp_path)
+    try:
+        c.start_master(0, "--log-level", "DEBUG")
+        c.start_worker(2, "--log-level", "DEBUG")
         yield c
     finally:
         c.stop()

@@ -190,3 +190,35 @@ def test_a_leaving_client_has_its_queue_dropped_and_its_running_tasks_stopped():
     assert assigned(s, 10) == [(2, 0)]
     s.result(10, gid, "ok", [], None)  # a late result of a gone client is ignored
     assert 1 not in s.clients
+
+
+def test_a_task_that_kills_its_node_before_confirming_its_start_still_runs_out_of_retries():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.submit(1, tasks(1))
+    for node_id in (10, 11, 12):
+        s.add_node(node_id, nprocs=1)
+        s.schedule()
+        (ts,) = s.nodes[node_id].out_tasks
+        s.nodes[node_id].out_tasks = []
+        if node_id > 10:
+            assert ts.task.opts == {"confirm": 1}, "after an unconfirmed loss the node must confirm at once"
+            s.started(node_id, [ts.gid])
+        s.remove_node(node_id)  # the node dies; the first time before it reported the start
+    (item,) = s.clients[1].out_results
+    assert item[1] == "lost" and item[3]["node_lost"] and item[3]["attempts"] == 3
+
+
+def test_a_task_that_was_only_queued_on_a_dying_node_is_not_charged_for_it():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.submit(1, tasks(1))
+    s.add_node(10, nprocs=1)
+    s.schedule()
+    s.remove_node(10)
+    s.add_node(11, nprocs=1)
+    s.schedule()
+    (ts,) = s.nodes[11].assigned.values()
+    s.started(11, [ts.gid])
+    s.result(11, ts.gid, "ok", [], None)
+    assert s.clients[1].out_results[0][1] == "ok"

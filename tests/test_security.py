@@ -1,0 +1,639 @@
+"""Keys, the authentication handshake, and hostile or broken input reaching the master.
+
+Every test runs a real master (see conftest.py) and talks to it either as a normal client or over raw
+sockets on 127.0.0.1. Whatever one connection sends, only that connection may suffer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+import clusterexec
+from clusterexec import AuthenticationError, ClusterExecutor, ClusterUnavailable, ProtocolError, VersionMismatch
+from clusterexec import protocol as P
+
+pytestmark = pytest.mark.timeout(40)
+
+HERE = Path(__file__).resolve().parent
+
+
+def square(x):
+    return x * x
+
+
+# ================================================================================================ helpers
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("CLUSTEREXEC_AUTHKEY", None)
+    env.update(extra)
+    return env
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += part
+    return buf
+
+
+def _raw(cluster) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=5)
+    return sock
+
+
+def _peer_name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def _authenticate(sock: socket.socket, key: bytes) -> None:
+    hello = _recv_exact(sock, P.SERVER_HELLO.size)
+    mine = P.new_challenge()
+    sock.sendall(P.client_proof(key, hello, mine))
+    P.client_check(key, mine, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
+
+
+def _read_frame(sock: socket.socket) -> P.Message:
+    reader = P.FrameReader()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before a whole frame arrived")
+        msgs = reader.feed(data)
+        if msgs:
+            return msgs[0]
+
+
+def _assert_closed_by_master(sock: socket.socket, within: float = 5.0) -> None:
+    """The master closes the connection: recv reaches end-of-file (or a reset) before the deadline."""
+    deadline = time.monotonic() + within
+    sock.settimeout(within)
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            return
+        except TimeoutError:
+            data = None
+        if data == b"":
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the master did not close the connection within {within} s")
+
+
+def _log(cluster) -> str:
+    return (cluster.log_dir / "master.log").read_text(errors="replace")
+
+
+def _wait_for_log(cluster, needle: str, *, after: int = 0, within: float = 5.0) -> str:
+    """The first master log line, written after offset `after`, that contains `needle`."""
+    deadline = time.monotonic() + within
+    while True:
+        for line in _log(cluster)[after:].splitlines():
+            if needle in line:
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no master log line containing {needle!r}; log:\n{_log(cluster)[after:]}")
+        time.sleep(0.02)
+
+
+def _assert_cluster_works(cluster, ex=None) -> None:
+    with cluster.executor() as fresh:
+        assert fresh.submit(square, 9).result(timeout=15) == 81
+        assert len(fresh.cluster_info()["workers"]) == 1
+    if ex is not None:
+        assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
+    assert cluster.master.poll() is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _fake_server(handler):
+    """A one-connection TCP server on 127.0.0.1 running `handler(conn)` in a thread."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(10)
+    errors: list[BaseException] = []
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+        except OSError as e:
+            errors.append(e)
+            return
+        with conn:
+            try:
+                handler(conn)
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+# ================================================================================================ keys
+
+
+def test_client_with_wrong_key_gets_authentication_error_and_master_keeps_serving(cluster):
+    with cluster.executor() as good:
+        assert good.submit(square, 2).result(timeout=15) == 4
+        t0 = time.monotonic()
+        with pytest.raises(AuthenticationError, match="rejected our authentication key") as info:
+            ClusterExecutor(cluster.address, authkey="certainly-not-the-key")
+        assert time.monotonic() - t0 < 5
+        assert isinstance(info.value, clusterexec.AuthenticationError)
+        line = _wait_for_log(cluster, "rejected connection")
+        assert "wrong key" in line
+        # The good client's connection was not disturbed, and new ones are still accepted.
+        assert good.submit(square, 3).result(timeout=15) == 9
+        _assert_cluster_works(cluster, good)
+
+
+def test_worker_with_wrong_key_exits_nonzero_with_a_clear_message(cluster, tmp_path):
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("certainly-not-the-key")
+    wrong.chmod(0o600)
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "clusterexec.worker", cluster.address, "--nprocs", "1",
+         "--authkey-file", str(wrong), "--connect-timeout", "5"],
+        capture_output=True, text=True, timeout=20, env=_env())
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 10
+    assert "rejected our authentication key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "certainly-not-the-key" not in proc.stderr + proc.stdout
+    assert "wrong key" in _wait_for_log(cluster, "rejected connection")
+    info = cluster.info()
+    assert len(info["workers"]) == 1, "the rejected worker must not have joined"
+    _assert_cluster_works(cluster)
+
+
+def test_key_never_appears_in_logs_or_output(debug_cluster, tmp_path):
+    cluster = debug_cluster
+    key = cluster.key
+    with cluster.executor() as ex:
+        assert list(ex.map(square, range(30))) == [x * x for x in range(30)]
+        ex.cluster_info()
+        with pytest.raises(AuthenticationError):
+            ClusterExecutor(cluster.address, authkey=key[:-1] + ("0" if key[-1] != "0" else "1"))
+    # A worker given the key through the environment, as a user might.
+    env_worker = subprocess.Popen(
+        [sys.executable, "-m", "clusterexec.worker", cluster.address, "--nprocs", "1", "--log-level", "DEBUG"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(CLUSTEREXEC_AUTHKEY=key))
+    try:
+        cluster.wait_for(lambda info: len(info["workers"]) == 2, what="the second worker")
+    finally:
+        env_worker.terminate()
+        env_worker_out, _ = env_worker.communicate(10)
+    for worker in cluster.workers:
+        worker.terminate()
+        worker.wait(10)
+    cluster.master.terminate()
+    cluster.master.wait(10)
+    master_out = cluster.master.stdout.read().decode(errors="replace")
+    texts = {path.name: path.read_text(errors="replace") for path in cluster.log_dir.glob("*.log")}
+    texts["master stdout"] = master_out
+    texts["env worker output"] = env_worker_out.decode(errors="replace")
+    assert "master.log" in texts and "worker0.log" in texts
+    assert any("DEBUG" in t or "INFO" in t for t in texts.values())
+    for name, text in texts.items():
+        assert key not in text, f"the key leaked into {name}"
+
+
+def test_connecting_where_nothing_listens_fails_quickly_with_cluster_unavailable():
+    port = _free_port()
+    t0 = time.monotonic()
+    with pytest.raises(ClusterUnavailable) as info:
+        ClusterExecutor(f"127.0.0.1:{port}", authkey="any-key")
+    assert time.monotonic() - t0 < 3
+    message = str(info.value)
+    assert f"127.0.0.1:{port}" in message
+    assert "cannot connect" in message and "clusterexec.master" in message
+
+
+def test_server_that_never_answers_gives_cluster_unavailable_after_connect_timeout():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)  # the kernel completes the TCP handshake; nobody ever says a word
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(ClusterUnavailable, match="did not answer"):
+            ClusterExecutor(address, authkey="any-key", connect_timeout=1)
+        assert time.monotonic() - t0 < 4
+    finally:
+        listener.close()
+
+
+def test_server_that_is_not_clusterexec_is_reported_as_such():
+    def http_server(conn):
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)
+
+    with _fake_server(http_server) as address:
+        with pytest.raises(ProtocolError, match="not a clusterexec master"):
+            ClusterExecutor(address, authkey="any-key", connect_timeout=5)
+
+
+def test_server_that_hangs_up_during_the_handshake_gives_a_clear_error():
+    with _fake_server(lambda conn: None) as address:
+        with pytest.raises(ClusterUnavailable, match="closed the connection"):
+            ClusterExecutor(address, authkey="any-key", connect_timeout=5)
+
+
+def test_server_speaking_another_protocol_version_is_refused_by_the_client():
+    def future_master(conn):
+        conn.sendall(P.SERVER_HELLO.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, P.new_challenge()))
+        time.sleep(0.5)
+
+    with _fake_server(future_master) as address:
+        with pytest.raises(VersionMismatch, match="protocol"):
+            ClusterExecutor(address, authkey="any-key", connect_timeout=5)
+
+
+def test_client_refuses_a_server_that_cannot_prove_it_knows_the_key():
+    """Mutual authentication: an impostor that says "OK" without knowing the key is not trusted."""
+    def impostor(conn):
+        conn.sendall(P.server_hello(P.new_challenge()))
+        _recv_exact(conn, P.CLIENT_PROOF.size)
+        conn.sendall(P.VERDICT_OK + os.urandom(P.DIGEST_SIZE))
+        time.sleep(0.5)
+
+    with _fake_server(impostor) as address:
+        with pytest.raises(AuthenticationError, match="could not prove"):
+            ClusterExecutor(address, authkey="any-key", connect_timeout=5)
+
+
+def test_worker_with_no_master_to_reach_exits_nonzero_after_its_connect_timeout(tmp_path):
+    key_file = tmp_path / "k"
+    key_file.write_text("some-key")
+    key_file.chmod(0o600)
+    port = _free_port()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "clusterexec.worker", f"127.0.0.1:{port}", "--nprocs", "1",
+         "--authkey-file", str(key_file), "--connect-timeout", "1"],
+        capture_output=True, text=True, timeout=20, env=_env())
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 10
+    assert f"127.0.0.1:{port}" in proc.stderr and "cannot reach the master" in proc.stderr
+
+
+def test_master_creates_the_default_key_file_owner_only_and_worker_and_client_find_it(tmp_path, monkeypatch):
+    key_file = tmp_path / "fresh-home" / ".clusterexec" / "authkey"
+    env = _env(CLUSTEREXEC_AUTHKEY_FILE=str(key_file))
+    master = subprocess.Popen(
+        [sys.executable, "-m", "clusterexec.master", "--port", "0", "--host", "127.0.0.1"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "master.log", "wb"), env=env)
+    worker = None
+    try:
+        first_line = master.stdout.readline().decode()
+        assert "listening on 127.0.0.1:" in first_line, first_line
+        port = int(first_line.split("listening on 127.0.0.1:")[1].split()[0])
+        assert key_file.exists()
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(key_file.parent.stat().st_mode) & 0o077 == 0
+        key = key_file.read_text().strip()
+        assert len(key) >= 32
+        assert key not in first_line
+        assert str(key_file) in first_line  # says where the key came from
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "clusterexec.worker", f"127.0.0.1:{port}", "--nprocs", "1"],
+            stdout=open(tmp_path / "worker.log", "wb"), stderr=subprocess.STDOUT, env=env)
+        monkeypatch.setenv("CLUSTEREXEC_AUTHKEY_FILE", str(key_file))
+        monkeypatch.delenv("CLUSTEREXEC_AUTHKEY", raising=False)
+        with ClusterExecutor(f"127.0.0.1:{port}") as ex:  # no key given: found in the default key file
+            deadline = time.monotonic() + 15
+            while not ex.cluster_info()["workers"]:
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+                assert time.monotonic() < deadline, "the worker did not join"
+                time.sleep(0.05)
+            assert ex.submit(square, 12).result(timeout=15) == 144
+        # A restarted master reuses the file rather than replacing it.
+        assert key_file.read_text().strip() == key
+    finally:
+        for proc in (worker, master):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        master.stdout.close()
+    logs = (tmp_path / "master.log").read_text() + (tmp_path / "worker.log").read_text()
+    assert key not in logs
+
+
+def test_key_file_readable_by_others_is_warned_about(cluster, tmp_path):
+    loose = tmp_path / "loose.key"
+    loose.write_text(cluster.key)
+    loose.chmod(0o644)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "clusterexec.worker", cluster.address, "--nprocs", "1",
+         "--authkey-file", str(loose)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    try:
+        cluster.wait_for(lambda info: len(info["workers"]) == 2, what="the worker with a loose key file")
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(10)
+    out = out.decode(errors="replace")
+    assert "readable by other users" in out and "chmod 600" in out
+    assert cluster.key not in out
+
+
+def test_missing_key_file_makes_the_worker_exit_with_a_clear_message(cluster, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "clusterexec.worker", cluster.address, "--nprocs", "1"],
+        capture_output=True, text=True, timeout=20,
+        env=_env(CLUSTEREXEC_AUTHKEY_FILE=str(tmp_path / "does-not-exist")))
+    assert proc.returncode != 0
+    assert "no authentication key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# ================================================================================================ malformed input
+
+
+def _pre_auth_random_bytes(sock, key):
+    _recv_exact(sock, P.SERVER_HELLO.size)
+    sock.sendall(os.urandom(P.CLIENT_PROOF.size + 100))
+
+
+def _pre_auth_random_bytes_without_reading_the_hello(sock, key):
+    sock.sendall(os.urandom(1000))
+
+
+def _truncated_handshake_then_close(sock, key):
+    hello = _recv_exact(sock, P.SERVER_HELLO.size)
+    proof = P.client_proof(key, hello, P.new_challenge())
+    sock.sendall(proof[:20])
+    sock.shutdown(socket.SHUT_WR)
+
+
+def _valid_frame_before_authentication(sock, key):
+    _recv_exact(sock, P.SERVER_HELLO.size)
+    sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "x" * 100}))
+
+
+def _oversized_header_length(sock, key):
+    _authenticate(sock, key)
+    sock.sendall(struct.pack("!HI", 0, 0xFFFFFFFF) + b"{")
+
+
+def _oversized_buffer_length(sock, key):
+    _authenticate(sock, key)
+    header = b'{"t":"submit","tasks":[]}'
+    sock.sendall(struct.pack("!HI", 2, len(header)) + struct.pack("!QQ", 2**63, 2**63) + header)
+
+
+def _unknown_message_type_before_hello(sock, key):
+    _authenticate(sock, key)
+    sock.sendall(P.encode_bytes({"t": "launch-the-missiles"}))
+
+
+def _invalid_json_header(sock, key):
+    _authenticate(sock, key)
+    junk = b"{this is not json\xff"
+    sock.sendall(struct.pack("!HI", 0, len(junk)) + junk)
+
+
+def _header_without_a_type(sock, key):
+    _authenticate(sock, key)
+    head = b"[1, 2, 3]"
+    sock.sendall(struct.pack("!HI", 0, len(head)) + head)
+
+
+def _hello_with_an_unknown_role(sock, key):
+    _authenticate(sock, key)
+    sock.sendall(P.encode_bytes({"t": "hello", "role": "emperor"}))
+
+
+def _worker_hello_with_bad_nprocs(sock, key):
+    _authenticate(sock, key)
+    sock.sendall(P.encode_bytes({"t": "hello", "role": "worker", "nprocs": 0}))
+
+
+def _as_client(sock, key):
+    _authenticate(sock, key)
+    sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "raw-test"}))
+    assert _read_frame(sock).type == "welcome"
+
+
+_AFTER_HELLO = {}
+
+
+def _after_hello(fn):
+    _AFTER_HELLO[fn.__name__] = fn
+    return fn
+
+
+@_after_hello
+def _client_sends_unknown_message_type(sock, key):
+    sock.sendall(P.encode_bytes({"t": "launch-the-missiles"}))
+
+
+@_after_hello
+def _client_sends_truncated_frame_then_closes(sock, key):
+    sock.sendall(struct.pack("!HI", 0, 100) + b'{"t": "sub')
+    sock.shutdown(socket.SHUT_WR)
+
+
+@_after_hello
+def _client_sends_oversized_length_prefix(sock, key):
+    sock.sendall(struct.pack("!HI", 1, 10) + struct.pack("!Q", 2**64 - 1))
+
+
+@_after_hello
+def _client_submits_task_referring_to_a_blob_never_sent(sock, key):
+    sock.sendall(P.encode_bytes({"t": "submit", "tasks": [[1, ["0" * 32], [0], 0, None]]}))
+
+
+@_after_hello
+def _client_submits_task_claiming_a_missing_buffer(sock, key):
+    sock.sendall(P.encode_bytes({"t": "submit", "tasks": [[1, ["0" * 32], [1], 0, None]]}))
+
+
+@_after_hello
+def _client_submits_malformed_task_entries(sock, key):
+    sock.sendall(P.encode_bytes({"t": "submit", "tasks": [["one", "two"]]}))
+
+
+@_after_hello
+def _client_sends_infinite_number(sock, key):
+    sock.sendall(P.encode_bytes({"t": "cancel", "req": float("inf"), "ids": []}))
+
+
+@_after_hello
+def _client_sends_cancel_without_fields(sock, key):
+    sock.sendall(P.encode_bytes({"t": "cancel"}))
+
+
+_CASES = [
+    _pre_auth_random_bytes,
+    _pre_auth_random_bytes_without_reading_the_hello,
+    _truncated_handshake_then_close,
+    _valid_frame_before_authentication,
+    _oversized_header_length,
+    _oversized_buffer_length,
+    _unknown_message_type_before_hello,
+    _invalid_json_header,
+    _header_without_a_type,
+    _hello_with_an_unknown_role,
+    _worker_hello_with_bad_nprocs,
+    *_AFTER_HELLO.values(),
+]
+
+
+@pytest.mark.parametrize("case", _CASES, ids=[c.__name__.strip("_") for c in _CASES])
+def test_malformed_input_closes_that_connection_alone_and_is_logged(cluster, case):
+    key = cluster.key.encode()
+    with cluster.executor() as bystander:
+        assert bystander.submit(square, 5).result(timeout=15) == 25
+        sock = _raw(cluster)
+        try:
+            peer = _peer_name(sock)
+            if case.__name__ in _AFTER_HELLO:
+                _as_client(sock, key)
+                _wait_for_log(cluster, f"connected from {peer}")
+            offset = len(_log(cluster))
+            case(sock, key)
+            _assert_closed_by_master(sock)
+        finally:
+            sock.close()
+        line = _wait_for_log(cluster, peer, after=offset)
+        assert "WARNING" in line or "INFO" in line, line
+        assert "Traceback" not in _log(cluster)[offset:]
+        # The connection that was already open and new connections both still work.
+        assert bystander.submit(square, 6).result(timeout=15) == 36
+        _assert_cluster_works(cluster, bystander)
+
+
+def test_many_hostile_connections_at_once_do_not_disturb_a_running_map(cluster):
+    key = cluster.key.encode()
+    with cluster.executor() as ex:
+        results = ex.map(square, range(200))
+        socks = []
+        try:
+            for i in range(30):
+                case = _CASES[i % len(_CASES)]
+                sock = _raw(cluster)
+                socks.append(sock)
+                if case.__name__ in _AFTER_HELLO:
+                    _as_client(sock, key)
+                case(sock, key)
+            for sock in socks:
+                _assert_closed_by_master(sock)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert list(results) == [x * x for x in range(200)]
+        _assert_cluster_works(cluster, ex)
+
+
+def test_version_mismatch_in_the_handshake_is_rejected(cluster):
+    key = cluster.key.encode()
+    sock = _raw(cluster)
+    try:
+        peer = _peer_name(sock)
+        hello = _recv_exact(sock, P.SERVER_HELLO.size)
+        magic, version, challenge = P.SERVER_HELLO.unpack(hello)
+        assert (magic, version) == (P.MAGIC, P.PROTOCOL_VERSION)
+        mine = P.new_challenge()
+        digest = P.CLIENT_PROOF.unpack(P.client_proof(key, hello, mine))[2]
+        sock.sendall(P.CLIENT_PROOF.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, digest, mine))
+        verdict = _recv_exact(sock, P.SERVER_VERDICT_SIZE)
+        with pytest.raises(VersionMismatch):
+            P.client_check(key, mine, verdict)
+        _assert_closed_by_master(sock)
+    finally:
+        sock.close()
+    assert "wrong protocol version" in _wait_for_log(cluster, peer)
+    _assert_cluster_works(cluster)
+
+
+def test_proof_made_with_a_guessed_key_is_rejected(cluster):
+    """Knowing the protocol is not enough: a proof made with another key is refused."""
+    sock = _raw(cluster)
+    try:
+        hello = _recv_exact(sock, P.SERVER_HELLO.size)
+        mine = P.new_challenge()
+        sock.sendall(P.client_proof(b"guessed-key", hello, mine))
+        verdict = _recv_exact(sock, P.SERVER_VERDICT_SIZE)
+        with pytest.raises(AuthenticationError, match="rejected our authentication key"):
+            P.client_check(b"guessed-key", mine, verdict)
+        assert verdict[2:] == bytes(P.DIGEST_SIZE), "a rejection must not carry a key-derived digest"
+        _assert_closed_by_master(sock)
+    finally:
+        sock.close()
+    _assert_cluster_works(cluster)
+
+
+def test_replayed_proof_from_another_connection_is_rejected(cluster):
+    """Each connection has a fresh challenge, so a proof observed on the wire cannot be reused."""
+    key = cluster.key.encode()
+    first = _raw(cluster)
+    second = _raw(cluster)
+    try:
+        hello1 = _recv_exact(first, P.SERVER_HELLO.size)
+        hello2 = _recv_exact(second, P.SERVER_HELLO.size)
+        assert hello1 != hello2
+        mine = P.new_challenge()
+        proof = P.client_proof(key, hello1, mine)
+        second.sendall(proof)
+        verdict = _recv_exact(second, P.SERVER_VERDICT_SIZE)
+        with pytest.raises(AuthenticationError):
+            P.client_check(key, mine, verdict)
+        _assert_closed_by_master(second)
+    finally:
+        first.close()
+        second.close()
+    _assert_cluster_works(cluster)
+
+
+@pytest.mark.timeout(30)
+def test_connection_that_never_authenticates_is_closed_after_the_handshake_timeout(cluster):
+    from clusterexec.connection import HANDSHAKE_TIMEOUT
+
+    sock = _raw(cluster)
+    try:
+        peer = _peer_name(sock)
+        _recv_exact(sock, P.SERVER_HELLO.size)
+        t0 = time.monotonic()
+        _assert_closed_by_master(sock, within=HANDSHAKE_TIMEOUT + 5)
+        assert HANDSHAKE_TIMEOUT - 1 < time.monotonic() - t0 < HANDSHAKE_TIMEOUT + 5
+    finally:
+        sock.close()
+    assert "no authentication" in _wait_for_log(cluster, peer)
+    _assert_cluster_works(cluster)
