@@ -172,11 +172,16 @@ class ClusterExecutor(Executor):
                     future.cancel()
                     raise
                 if more is not None:
-                    item = next(more, _END)
-                    if item is _END:
+                    if self._shutdown:
+                        # No new task after shutdown: yield what is in flight, then say why it stops.
                         more = None
+                        futures.append(_failed(RuntimeError("cannot schedule new futures after shutdown")))
                     else:
-                        futures.append(make(item))
+                        item = next(more, _END)
+                        if item is _END:
+                            more = None
+                        else:
+                            futures.append(make(item))
                 if chunked:
                     if isinstance(value, PartialChunk):
                         yield from value.values

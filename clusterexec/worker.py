@@ -49,7 +49,8 @@ STARTED_DELAY = 0.002  # seconds a task runs before the master (and the Future) 
 class _Proc:
     """The agent's view of one task process."""
 
-    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "eof_at", "started_at", "killed", "runs", "retiring")
+    __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "eof_at", "started_at", "killed", "runs", "retiring",
+                 "pidfd")
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -61,6 +62,7 @@ class _Proc:
         self.eof_at = 0.0
         self.started_at = 0.0
         self.killed = False
+        self.pidfd: int | None = None
         self.runs = 0  # results received, counted as the task process counts them for max_tasks_per_child
         self.retiring = False  # reached max_tasks_per_child: it exits on its own, give it no task
 
@@ -294,6 +296,7 @@ class Agent:
         child_sock.close()
         proc = _Proc(pid)
         self.procs[pid] = proc
+        self._watch_exit(proc)
         parent_sock.setblocking(False)
 
         def factory() -> FramedConnection:
@@ -334,6 +337,26 @@ class Agent:
         proc.eof_at = time.monotonic()
         self._reap(proc)
 
+    def _watch_exit(self, proc: _Proc) -> None:
+        """Learn of the process's exit from the kernel, not only from its socket: a process it forked may
+        keep that socket open long after it died."""
+        try:
+            proc.pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            return  # no pidfd here: end-of-file on its socket tells us instead
+        self._loop.add_reader(proc.pidfd, self._on_exit, proc)
+
+    def _on_exit(self, proc: _Proc) -> None:
+        self._close_pidfd(proc)
+        # Its last result may still be unread in the socket; read it before deciding the task was lost.
+        self._loop.call_later(0.05, self._reap, proc)
+
+    def _close_pidfd(self, proc: _Proc) -> None:
+        if proc.pidfd is not None:
+            self._loop.remove_reader(proc.pidfd)
+            os.close(proc.pidfd)
+            proc.pidfd = None
+
     def _kill(self, proc: _Proc) -> None:
         proc.killed = True
         try:
@@ -355,6 +378,7 @@ class Agent:
             self._loop.call_later(0.005, self._reap, proc)
             return
         del self.procs[proc.pid]
+        self._close_pidfd(proc)
         if proc.conn is not None:
             proc.conn.close()
         info: dict[str, Any] = {"pid": proc.pid, "host": self.host}

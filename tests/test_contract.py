@@ -1091,3 +1091,15 @@ def test_local_mode_leaves_no_process_behind_when_the_user_process_is_killed(tmp
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_buffered_map_consumed_after_shutdown_yields_what_was_in_flight_then_raises():
+    from clusterexec import ClusterExecutor
+
+    with ClusterExecutor(max_workers=1) as ex:
+        it = ex.map(square, range(8), buffersize=2)
+    got = []
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        for value in it:
+            got.append(value)
+    assert got == [0, 1]

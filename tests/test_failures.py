@@ -598,3 +598,30 @@ def test_one_client_failing_tasks_does_not_disturb_another(cluster, tmp_path):
         done, _ = wait(poison, timeout=RESULT_TIMEOUT)
         assert len(done) == 2
         assert all(isinstance(f.exception(), WorkerLostError) for f in poison)
+
+
+def die_leaving_a_child_that_holds_the_socket(pid_dir):
+    child = os.fork()
+    if child == 0:  # the child lives on with a copy of the task process's socket
+        time.sleep(8)
+        os._exit(0)
+    Path(pid_dir, str(child)).touch()
+    os._exit(3)
+
+
+def test_a_task_process_that_dies_is_noticed_even_if_a_child_it_forked_keeps_running(cluster, tmp_path):
+    try:
+        with cluster.executor() as ex:
+            future = ex.submit(die_leaving_a_child_that_holds_the_socket, str(tmp_path))
+            start = time.monotonic()
+            with pytest.raises(WorkerLostError, match="code 3"):
+                future.result(timeout=6)
+            assert time.monotonic() - start < 5
+            _still_usable(ex)
+    finally:
+        for marker in tmp_path.iterdir():
+            if marker.name.isdigit():
+                try:
+                    os.kill(int(marker.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
