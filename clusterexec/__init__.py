@@ -17,6 +17,8 @@ from .errors import (  # noqa: E402
     ProtocolError,
     RemoteError,
     SerializationError,
+    TaskKilled,
+    TaskTimeout,
     VersionMismatch,
     WorkerLostError,
 )
@@ -33,6 +35,8 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SerializationError",
+    "TaskKilled",
+    "TaskTimeout",
     "VersionMismatch",
     "WorkerLostError",
     "__version__",

@@ -29,7 +29,15 @@ import cloudpickle
 from . import __version__
 from . import protocol as P
 from . import serialization as S
-from .errors import ClusterUnavailable, InitializerError, RemoteError, SerializationError, WorkerLostError
+from .errors import (
+    ClusterUnavailable,
+    InitializerError,
+    RemoteError,
+    SerializationError,
+    TaskKilled,
+    TaskTimeout,
+    WorkerLostError,
+)
 
 log = logging.getLogger("clusterexec.client")
 
@@ -150,6 +158,7 @@ class ClientConnection:
         self._lock = threading.Lock()
         self._outbox: list[_Record] = []
         self._cancel_out: list[tuple[int, list[int]]] = []
+        self._kill_out: list[int] = []
         self._cancel_waiters: dict[int, tuple[threading.Event, list[set[int]]]] = {}
         self._cancel_ids = itertools.count(1)
         self._status_waiters: deque[tuple[threading.Event, list[dict[str, Any]]]] = deque()
@@ -242,6 +251,22 @@ class ClientConnection:
         if not event.wait(timeout) or not box:
             raise ClusterUnavailable(f"the master did not answer a status request within {timeout} s")
         return box[0]
+
+    def kill(self, record: _Record) -> bool:
+        """Stop a task whether or not it started; its Future fails with TaskKilled."""
+        with self._lock:
+            if record.state == UNSENT:
+                record.state = CANCELLED_HERE
+                unsent = True
+            elif record.state == SENT and self.broken is None:
+                self._kill_out.append(record.id)
+                self._wake_locked()
+                return True
+            else:
+                return False
+        if unsent:
+            _set_exception(record.future, TaskKilled("task was killed before it started"))
+        return True
 
     def pending_futures(self) -> list[ClusterFuture]:
         with self._lock:
@@ -356,6 +381,7 @@ class ClientConnection:
             cancels = self._cancel_out
             self._cancel_out = []
             status_requests, self._status_out = self._status_out, 0
+            kills, self._kill_out = self._kill_out, []
             sending = []
             for r in records:
                 if r.state == UNSENT:
@@ -369,6 +395,8 @@ class ClientConnection:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
         for _ in range(status_requests):
             self._queue_frame({"t": "status"})
+        if kills:
+            self._queue_frame({"t": "kill", "ids": kills})
 
     def _queue_frame(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         for piece in P.encode(header, buffers):
@@ -480,6 +508,8 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
             how = f"its task process was killed by {info['signal']}"
         else:
             how = f"its task process exited with code {info.get('exitcode')}"
+        if info.get("phase") and not info.get("node_lost"):
+            how += f" while {info['phase']}"
         attempts = info.get("attempts", 1)
         return WorkerLostError(
             f"task failed: {how} {where}, on each of {attempts} attempts"
@@ -488,6 +518,13 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
             signal=info.get("signal"), attempts=attempts)
     kind = info.get("kind")
     detail = f"{info.get('type', '?')}: {info.get('message', '')}"
+    if kind == "timeout":
+        return TaskTimeout(f"task exceeded its time limit of {info.get('timeout')} s {where}; "
+                           "its process was killed")
+    if kind == "killed":
+        if info.get("started"):
+            return TaskKilled(f"task was killed while running {where}")
+        return TaskKilled("task was killed before it started")
     if kind == "initializer":
         error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
     elif kind == "serialization":

@@ -6,7 +6,7 @@ They subclass what `concurrent.futures` code already catches, so a program writt
 
 from __future__ import annotations
 
-from concurrent.futures import BrokenExecutor
+from concurrent.futures import BrokenExecutor, CancelledError
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "SerializationError",
+    "TaskKilled",
+    "TaskTimeout",
     "VersionMismatch",
     "WorkerLostError",
 ]
@@ -57,6 +59,15 @@ class WorkerLostError(ClusterError, BrokenProcessPool):
 
 class InitializerError(ClusterError, BrokenProcessPool):
     """The executor's `initializer` raised in a task process, so the task could not run there."""
+
+
+class TaskTimeout(ClusterError, TimeoutError):
+    """The task ran past the time limit set with `ex.options(timeout=...)`; its process was killed."""
+
+
+class TaskKilled(ClusterError, CancelledError):
+    """The task was stopped by `ex.kill(future)` (or `terminate_workers()`); a running one had its process
+    killed. Subclasses `concurrent.futures.CancelledError`."""
 
 
 class ClusterUnavailable(ClusterError, BrokenExecutor):

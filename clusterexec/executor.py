@@ -99,6 +99,9 @@ class ClusterExecutor(Executor):
     # ------------------------------------------------------------------------------------------ submit
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._submit(fn, args, kwargs, None)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple, kwargs: dict, extra: dict | None) -> Future:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -107,7 +110,44 @@ class ClusterExecutor(Executor):
             bufs = S.dumps((args, kwargs), "pickling the arguments")
         except SerializationError as e:
             return _failed(e)
-        return self._conn.submit(self._deps(blob), bufs, self._opts or None)
+        opts = {**self._opts, **extra} if extra else self._opts
+        return self._conn.submit(self._deps(blob), bufs, opts or None)
+
+    def options(self, *, timeout: float | None = None, retries: int | None = None) -> TaskOptions:
+        """The same executor with per-call task options, keeping every keyword free for your function.
+
+        ``timeout``: seconds a task may run (from its start, not counting time in the queue); past it, its
+        process is killed and replaced and its Future fails with `TaskTimeout` (a `TimeoutError`).
+        ``retries``: how many times a task is run again after its process or node died (default 2).
+
+        >>> ex.options(timeout=60, retries=0).submit(simulate, params)  # doctest: +SKIP
+        """
+        return TaskOptions(self, _task_options(timeout, retries))
+
+    def kill(self, future: Future) -> bool:
+        """Stop the task behind `future`, even if it is running: its process is killed and replaced, and the
+        Future fails with `TaskKilled`. Returns False if the Future is already done or not ours."""
+        record = getattr(future, "_cx_record", None)
+        if record is None or future.done() or record.conn is not self._conn:
+            return False
+        return self._conn.kill(record)
+
+    def terminate_workers(self) -> None:
+        """Stop all of this executor's work at once and shut it down (as in Python 3.14's ProcessPoolExecutor).
+
+        Queued tasks are cancelled and running ones killed; on a shared cluster only this executor's tasks
+        are touched. In local mode the private cluster is stopped. Pending Futures end cancelled or with
+        `TaskKilled`."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        pending = self._conn.pending_futures()
+        _cancel_all(pending)
+        for future in pending:
+            if not future.done():
+                self.kill(future)
+        self.shutdown(wait=True)
+
+    kill_workers = terminate_workers  # processes are always stopped with SIGKILL: there is no gentler way
 
     def _deps(self, blob: Any) -> list[Any]:
         return [blob, self._init_blob] if self._init_blob is not None else [blob]
@@ -122,6 +162,10 @@ class ClusterExecutor(Executor):
         an item is raised when the iteration reaches that item, after the results before it. With
         ``buffersize=N`` at most N tasks are in flight, so an endless generator maps in bounded memory.
         """
+        return self._map(fn, iterables, timeout, chunksize, buffersize, None)
+
+    def _map(self, fn: Callable[..., Any], iterables: tuple, timeout: float | None, chunksize: int,
+             buffersize: int | None, extra: dict | None) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
@@ -142,7 +186,9 @@ class ClusterExecutor(Executor):
         except SerializationError as e:
             deps = None
             error = e
-        opts = dict(self._opts, chunk=1) if chunked else (self._opts or None)
+        opts = {**self._opts, **(extra or {})}
+        if chunked:
+            opts["chunk"] = 1
         conn = self._conn
 
         def make(item: Any) -> Future:
@@ -152,7 +198,7 @@ class ClusterExecutor(Executor):
                 bufs = S.dumps(item if chunked else (item, {}), "pickling the arguments")
             except SerializationError as e:
                 return _failed(e)
-            return conn.submit(deps, bufs, opts, chunk=chunked)
+            return conn.submit(deps, bufs, opts or None, chunk=chunked)
 
         if buffersize is None:
             futures = deque(make(item) for item in zipped)
@@ -220,6 +266,37 @@ class ClusterExecutor(Executor):
     def __repr__(self) -> str:
         mode = "local" if self._local is not None else "remote"
         return f"<ClusterExecutor {self.address} ({mode}), max_workers={self._max_workers}>"
+
+
+class TaskOptions:
+    """`ClusterExecutor.options(...)`: submit and map with per-call task options (time limit, retries)."""
+
+    def __init__(self, executor: ClusterExecutor, opts: dict[str, Any]):
+        self._executor = executor
+        self._opts = opts
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        return self._executor._submit(fn, args, kwargs, self._opts)
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._opts)
+
+    def options(self, *, timeout: float | None = None, retries: int | None = None) -> TaskOptions:
+        return TaskOptions(self._executor, {**self._opts, **_task_options(timeout, retries)})
+
+
+def _task_options(timeout: float | None, retries: int | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        opts["timeout"] = float(timeout)
+    if retries is not None:
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, not {retries!r}")
+        opts["retries"] = retries
+    return opts
 
 
 _END = object()

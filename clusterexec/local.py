@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import select
@@ -128,6 +129,8 @@ def _main() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C is for the user's program
+    # The user's Futures already carry every failure; the cluster's own warnings would only repeat them.
+    logging.getLogger("clusterexec").setLevel(logging.ERROR)
     port_fd = int(sys.argv[1])
     line = sys.stdin.buffer.readline()
     if not line:

@@ -131,6 +131,8 @@ class Master:
             self.scheduler.submit(cid, tasks)
         elif t == "cancel":
             self.scheduler.cancel(cid, int(h["req"]), [int(i) for i in h["ids"]])
+        elif t == "kill":
+            self.scheduler.kill(cid, [int(i) for i in h["ids"]])
         elif t == "status":
             self._client_conn[cid].send({"t": "status", **self.status()})
         else:
@@ -191,6 +193,9 @@ class Master:
             if node.out_drop:
                 conn.send({"t": "drop", "ids": node.out_drop})
                 node.out_drop = []
+            if node.out_kill:
+                conn.send({"t": "kill", "ids": node.out_kill})
+                node.out_kill = []
             if node.out_cancel:
                 for key, gids in node.out_cancel:
                     conn.send({"t": "cancel", "key": key, "ids": gids})

@@ -69,6 +69,7 @@ class NodeState:
     out_tasks: list[TaskState] = field(default_factory=list)
     out_cancel: list[tuple[int, list[int]]] = field(default_factory=list)
     out_drop: list[int] = field(default_factory=list)
+    out_kill: list[int] = field(default_factory=list)
     tasks_done: int = 0
     tasks_failed: int = 0
 
@@ -274,6 +275,20 @@ class Scheduler:
             self._finish(ts, status, bufs, info)
 
     # ------------------------------------------------------------------------------------------ cancel
+
+    def kill(self, client_id: int, task_ids: list[int]) -> None:
+        """Stop tasks whether or not they started: a running one has its process killed (and replaced)."""
+        client = self.clients[client_id]
+        for tid in task_ids:
+            ts = client.tasks.get(tid)
+            if ts is None:
+                continue
+            if ts.node is None:
+                ts.cancelled = True  # lazily skipped in the queue
+                self._finish(ts, "error", [], {"kind": "killed", "started": False})
+            else:
+                ts.node.out_kill.append(ts.gid)
+                self.dirty_nodes.add(ts.node)
 
     def cancel(self, client_id: int, req: int, task_ids: list[int]) -> None:
         """Cancel what has not started; the answer goes to the client once every node involved replied."""

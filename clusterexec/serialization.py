@@ -38,7 +38,7 @@ def dumps(obj: Any, phase: str) -> list[Any]:
 
     try:
         main = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a __reduce__ calling sys.exit() is a pickling failure too
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     return [main, *oob]
 
@@ -46,7 +46,7 @@ def dumps(obj: Any, phase: str) -> list[Any]:
 def loads(buffers: list[Any], phase: str) -> Any:
     try:
         return pickle.loads(buffers[0], buffers=buffers[1:])
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
 
 
@@ -54,7 +54,7 @@ def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
     """Pickle a callable by value where needed (lambdas, closures); identical content gives the same hash."""
     try:
         data = cloudpickle.dumps(fn, protocol=PROTOCOL)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     return Blob(blob_hash(data), data)
 

@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import gc
 import logging
+import mmap
 import os
 import platform
 import signal
@@ -50,7 +51,7 @@ class _Proc:
     """The agent's view of one task process."""
 
     __slots__ = ("pid", "conn", "task", "sent", "dropped", "eof", "eof_at", "started_at", "killed", "runs", "retiring",
-                 "pidfd")
+                 "pidfd", "phase", "deadline", "kill_reason")
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -63,6 +64,9 @@ class _Proc:
         self.started_at = 0.0
         self.killed = False
         self.pidfd: int | None = None
+        self.phase: mmap.mmap | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.kill_reason: dict[str, Any] | None = None  # killed on purpose: a time limit or ex.kill()
         self.runs = 0  # results received, counted as the task process counts them for max_tasks_per_child
         self.retiring = False  # reached max_tasks_per_child: it exits on its own, give it no task
 
@@ -187,6 +191,8 @@ class Agent:
                     self._cancel(int(h["key"]), [int(g) for g in h["ids"]])
                 elif t == "drop":
                     self._drop([int(g) for g in h["ids"]])
+                elif t == "kill":
+                    self._kill_tasks([int(g) for g in h["ids"]])
                 elif t == "welcome":
                     log.info("connected to master %s:%s as node %s with %d processes",
                              *self.address, h.get("id"), self.nprocs)
@@ -225,6 +231,23 @@ class Agent:
             if proc.task is not None and proc.task.id in gone:
                 proc.dropped = True
                 self._kill(proc)
+
+    def _kill_tasks(self, gids: list[int]) -> None:
+        wanted = set(gids)
+        for task in [t for t in self.queue if t.id in wanted]:
+            self.queue.remove(task)
+            self._out_results.append((task.id, "error", [], {"kind": "killed", "started": False}))
+        for proc in self.procs.values():
+            if proc.task is not None and proc.task.id in wanted:
+                proc.kill_reason = {"kind": "killed", "started": True}
+                self._kill(proc)
+        self._schedule_flush()
+
+    def _on_deadline(self, proc: _Proc, gid: int, limit: float) -> None:
+        if proc.task is not None and proc.task.id == gid and proc.kill_reason is None:
+            log.warning("task exceeded its time limit of %g s in process %d; killing the process", limit, proc.pid)
+            proc.kill_reason = {"kind": "timeout", "timeout": limit}
+            self._kill(proc)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -280,21 +303,27 @@ class Agent:
                     self._flush_started()
                 entries, buffers = P.encode_tasks([(task.id, task)], proc.sent)
                 proc.conn.send({"t": "run", "tasks": entries}, buffers)
+                limit = task.opts.get("timeout") if task.opts else None
+                if limit:
+                    proc.deadline = self._loop.call_later(float(limit), self._on_deadline, proc, task.id,
+                                                          float(limit))
         if self._out_started and not self._started_scheduled:
             self._started_scheduled = True
             self._loop.call_later(STARTED_DELAY, self._started_timer)
 
     def _spawn(self) -> None:
         parent_sock, child_sock = socket.socketpair()
+        phase = mmap.mmap(-1, 1)  # anonymous and shared: survives fork, read by us when the child dies
         pid = os.fork()
         if pid == 0:  # child
             try:
                 parent_sock.close()
-                _task_process_main(child_sock)
+                _task_process_main(child_sock, phase)
             finally:
                 os._exit(0)
         child_sock.close()
         proc = _Proc(pid)
+        proc.phase = phase
         self.procs[pid] = proc
         self._watch_exit(proc)
         parent_sock.setblocking(False)
@@ -326,6 +355,9 @@ class Agent:
             if mtpc and proc.runs >= mtpc:
                 proc.retiring = True
             proc.task = None
+            if proc.deadline is not None:
+                proc.deadline.cancel()
+                proc.deadline = None
             if not proc.dropped:
                 self._out_results.append((task.id, h["s"], msg.buffers, h.get("i")))
         self._dispatch()
@@ -387,8 +419,17 @@ class Agent:
             info["signal"] = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         else:
             info["exitcode"] = os.WEXITSTATUS(status)
+        if proc.phase is not None:
+            code = proc.phase[0]
+            info["phase"] = PHASES[code] if code < len(PHASES) else "?"
+            proc.phase.close()
         task = proc.task
-        if task is not None and not proc.dropped:
+        if proc.deadline is not None:
+            proc.deadline.cancel()
+        if task is not None and not proc.dropped and proc.kill_reason is not None:
+            self._out_results.append((task.id, "error", [], dict(info, **proc.kill_reason)))
+            self._schedule_flush()
+        elif task is not None and not proc.dropped:
             log.warning("task process %d died while running a task (%s); replacing it", proc.pid,
                         f"signal {info['signal']}" if "signal" in info else f"exit code {info['exitcode']}")
             self._out_results.append((task.id, "lost", [], info))
@@ -415,11 +456,20 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+# What a task process is doing, written to one byte of memory it shares with its agent, so that when
+# the process dies (os._exit, a segfault, the OOM killer) the agent can say in which phase.
+PHASES = ("waiting for a task", "unpickling the function", "running the initializer", "unpickling the arguments",
+          "running the task", "pickling the result", "sending the result")
+(_IDLE, _UNPICKLING_FN, _INITIALIZING, _UNPICKLING_ARGS, _RUNNING, _PICKLING_RESULT,
+ _SENDING_RESULT) = range(len(PHASES))
+
+
 class _TaskRunner:
     """State of one task process: the functions it has unpickled, initializers it has run."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, phase: mmap.mmap):
         self.sock = sock
+        self.phase = phase
         self.functions: dict[str, Any] = {}
         self.cache = P.BlobLRU(on_evict=self._evicted)
         self.initialized: dict[str, BaseException | None] = {}
@@ -449,8 +499,10 @@ class _TaskRunner:
                 for task in P.decode_tasks(msg.header["tasks"], msg.buffers, self.cache):
                     status, bufs, info = self.run(task)
                     self.tasks_run += 1
+                    self.phase[0] = _SENDING_RESULT
                     sock.sendall(b"".join(bytes(p) for p in P.encode(
                         {"t": "result", "id": task.id, "s": status, "i": info}, bufs)))
+                    self.phase[0] = _IDLE
                     del bufs
                     opts = task.opts or {}
                     mtpc = opts.get("mtpc")
@@ -459,23 +511,30 @@ class _TaskRunner:
 
     def run(self, task: P.Task) -> tuple[str, list[Any], Any]:
         opts = task.opts or {}
+        phase = self.phase
         try:
+            phase[0] = _UNPICKLING_FN
             fn = self._load(task.deps[0], "unpickling the function")
             if opts.get("init"):
+                phase[0] = _INITIALIZING
                 self._initialize(task.deps[1])
+            phase[0] = _UNPICKLING_ARGS
             payload = S.loads(task.bufs, "unpickling the arguments")
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
         except _InitializerFailed as e:
             return _error_result(e.error, kind="initializer", phase="running the initializer")
+        phase[0] = _RUNNING
         if opts.get("chunk"):
             return self._run_chunk(fn, payload)
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
+            phase[0] = _PICKLING_RESULT
             bufs, info = S.dumps_exception(exc)
             return "raise", bufs, info
+        phase[0] = _PICKLING_RESULT
         try:
             return "ok", S.dumps(value, "pickling the result"), None
         except S.SerializationError as e:
@@ -487,6 +546,7 @@ class _TaskRunner:
             try:
                 values.append(fn(*args))
             except BaseException as exc:  # noqa: BLE001
+                self.phase[0] = _PICKLING_RESULT
                 bufs, info = S.dumps_exception(exc)
                 try:
                     partial = S.dumps(values, "pickling the result")
@@ -494,6 +554,7 @@ class _TaskRunner:
                     return _error_result(e, kind="serialization", phase=e.phase)
                 info["npartial"] = len(partial)
                 return "raise", [*partial, *bufs], info
+        self.phase[0] = _PICKLING_RESULT
         try:
             return "ok", S.dumps(values, "pickling the result"), None
         except S.SerializationError as e:
@@ -526,7 +587,7 @@ def _error_result(exc: BaseException, *, kind: str, phase: str) -> tuple[str, li
     return "error", [], info
 
 
-def _task_process_main(sock: socket.socket) -> None:
+def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:
     _set_parent_death_signal()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the agent decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -548,7 +609,7 @@ def _task_process_main(sock: socket.socket) -> None:
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
     try:
-        _TaskRunner(sock).serve()
+        _TaskRunner(sock, phase).serve()
     except (ConnectionError, OSError):
         pass
     finally:
