@@ -19,6 +19,7 @@ import platform
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
@@ -110,51 +111,14 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 class ClientConnection:
     """One authenticated connection to a master, its IO thread, and the Futures in flight on it."""
 
-    def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0):
+    def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0,
+                 reconnect_window: float = 0.0):
         self.address = address
-        host, port = address
-        try:
-            sock = socket.create_connection(address, timeout=connect_timeout)
-        except OSError as e:
-            raise ClusterUnavailable(
-                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}. "
-                "Is `python -m clusterexec.master` running there, and is the port right?") from None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            my_challenge = P.new_challenge()
-            sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
-            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
-            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": name, "host": socket.gethostname(),
-                                         "pid": os.getpid(), "python": platform.python_version(),
-                                         "cloudpickle": cloudpickle.__version__, "version": __version__}))
-            self._reader = P.FrameReader()
-            welcome = None
-            while welcome is None:
-                data = sock.recv(1 << 16)
-                if not data:
-                    raise ConnectionError("the master closed the connection after authentication")
-                msgs = self._reader.feed(data)
-                if msgs:
-                    welcome = msgs[0].header
-            if welcome.get("t") != "welcome":
-                raise P.ProtocolError(f"expected a welcome from the master, got {welcome.get('t')!r}")
-        except TimeoutError:
-            sock.close()
-            raise ClusterUnavailable(f"the master at {host}:{port} did not answer within {connect_timeout} s") from None
-        except (P.AuthenticationError, P.VersionMismatch, P.ProtocolError):
-            sock.close()
-            raise
-        except OSError as e:  # it hung up or reset the connection during the handshake
-            sock.close()
-            raise ClusterUnavailable(f"the master at {host}:{port} dropped the connection: {e}") from None
-        except BaseException:
-            sock.close()
-            raise
-        self.client_id = welcome["id"]
-        self.procs = int(welcome.get("procs") or 0)
-        sock.settimeout(None)
-        sock.setblocking(False)
-        self._sock = sock
+        self.key = key
+        self.name = name
+        self.connect_timeout = connect_timeout
+        self.reconnect_window = reconnect_window
+        self._adopt(*self._open(connect_timeout))
         self._lock = threading.Lock()
         self._outbox: list[_Record] = []
         self._cancel_out: list[tuple[int, list[int]]] = []
@@ -165,8 +129,6 @@ class ClientConnection:
         self._status_out = 0
         self._pending: dict[int, _Record] = {}
         self._ids = itertools.count(1)
-        self._sent_blobs = P.BlobLRU()
-        self._wbuf: deque[memoryview] = deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -178,6 +140,64 @@ class ClientConnection:
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
         self._thread.start()
+
+    def _open(self, timeout: float) -> tuple[socket.socket, P.FrameReader, dict[str, Any]]:
+        """Connect, authenticate both ways and say hello; returns the socket, its reader and the welcome."""
+        host, port = self.address
+        try:
+            sock = socket.create_connection(self.address, timeout=timeout)
+        except OSError as e:
+            raise ClusterUnavailable(
+                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}. "
+                "Is `python -m clusterexec.master` running there, and is the port right?") from None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            my_challenge = P.new_challenge()
+            key = self.key
+            sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
+            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
+            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": self.name,
+                                         "host": socket.gethostname(), "pid": os.getpid(),
+                                         "python": platform.python_version(),
+                                         "cloudpickle": cloudpickle.__version__, "version": __version__}))
+            reader = P.FrameReader()
+            welcome = None
+            while welcome is None:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionError("the master closed the connection after authentication")
+                msgs = reader.feed(data)
+                if msgs:
+                    welcome = msgs[0].header
+            if welcome.get("t") != "welcome":
+                raise P.ProtocolError(f"expected a welcome from the master, got {welcome.get('t')!r}")
+        except TimeoutError:
+            sock.close()
+            raise ClusterUnavailable(f"the master at {host}:{port} did not answer within {timeout} s") from None
+        except (P.AuthenticationError, P.VersionMismatch, P.ProtocolError):
+            sock.close()
+            raise
+        except OSError as e:  # it hung up or reset the connection during the handshake
+            sock.close()
+            raise ClusterUnavailable(f"the master at {host}:{port} dropped the connection: {e}") from None
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        sock.setblocking(False)
+        return sock, reader, welcome
+
+    def _adopt(self, sock: socket.socket, reader: P.FrameReader, welcome: dict[str, Any]) -> None:
+        """Make a fresh connection the current one (first connect, or reconnect to a restarted master)."""
+        self._sock = sock
+        self._reader = reader
+        self.client_id = welcome["id"]
+        self.procs = int(welcome.get("procs") or 0)
+        beat = welcome.get("heartbeat")
+        self._heartbeat = (float(beat[0]), float(beat[1])) if beat else None
+        self._last_heard = time.monotonic()
+        self._sent_blobs = P.BlobLRU()  # the other side's cache is new too
+        self._wbuf: deque[memoryview] = deque()
 
     # ------------------------------------------------------------------------------------------ callers
 
@@ -298,15 +318,42 @@ class ClientConnection:
     # ------------------------------------------------------------------------------------------ IO thread
 
     def _run(self) -> None:
+        error: BaseException | None = None
+        while True:
+            try:
+                self._serve()
+                break
+            except (OSError, P.ProtocolError) as e:
+                fatal = isinstance(e, P.AuthenticationError | P.VersionMismatch)
+                if fatal or self._stopping or self.reconnect_window <= 0:
+                    error = e
+                    break
+                try:
+                    back = self._reconnect(e)
+                except (P.AuthenticationError, P.VersionMismatch) as e2:
+                    error = e2
+                    break
+                if not back:
+                    error = ConnectionError(f"{e}; it did not come back within {self.reconnect_window:g} s")
+                    break
+            except BaseException as e:  # a bug here must not leave Futures hanging
+                log.exception("clusterexec client thread failed")
+                error = e
+                break
+        self._shut(error)
+
+    def _serve(self) -> None:
+        """Move bytes until asked to stop (returns) or the connection fails (raises)."""
         sel = selectors.DefaultSelector()
         sock = self._sock
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        sel.register(sock, selectors.EVENT_READ, "sock")
-        writing = False
-        error: BaseException | None = None
+        sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._wbuf else 0), "sock")
+        writing = bool(self._wbuf)
+        beat = self._heartbeat
         try:
             while True:
-                for key, mask in sel.select():
+                events = sel.select(beat[0] if beat else None)
+                for key, mask in events:
                     if key.data == "wake":
                         try:
                             os.read(self._wake_r, 4096)
@@ -321,7 +368,10 @@ class ClientConnection:
                         if data == b"":
                             raise ConnectionError("the master closed the connection")
                         if data:
+                            self._last_heard = time.monotonic()
                             self._handle(self._reader.feed(data))
+                if beat and time.monotonic() - self._last_heard > beat[1]:
+                    raise ConnectionError(f"no word from the master for {beat[1]:g} s")
                 if self._wbuf:
                     self._write()
                 if bool(self._wbuf) != writing:
@@ -329,17 +379,56 @@ class ClientConnection:
                     sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0), "sock")
                 with self._lock:
                     if self._stopping:
-                        break
+                        return
                     if self._close_when_idle and not self._outbox and not self._pending and not self._wbuf:
-                        break
-        except (OSError, P.ProtocolError) as e:
-            error = e
-        except BaseException as e:  # a bug here must not leave Futures hanging
-            log.exception("clusterexec client thread failed")
-            error = e
+                        return
         finally:
             sel.close()
-            self._shut(error)
+
+    def _reconnect(self, error: BaseException) -> bool:
+        """Reach the master again (it may be restarting) and resubmit every unfinished task.
+
+        Returns False when it did not come back within `reconnect_window`. Delivery stays exactly-once: a
+        task's Future resolves from the first result that arrives, on whichever connection."""
+        host, port = self.address
+        log.warning("lost the connection to the master at %s:%s (%s); reconnecting for up to %.0f s",
+                    host, port, error, self.reconnect_window)
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        deadline = time.monotonic() + self.reconnect_window
+        delay = 0.05
+        while True:
+            if self._stopping:
+                return False
+            try:
+                opened = self._open(min(self.connect_timeout, 5.0))
+                break
+            except (P.AuthenticationError, P.VersionMismatch):
+                raise
+            except (ClusterUnavailable, OSError, P.ProtocolError):
+                if time.monotonic() + delay > deadline:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        with self._lock:
+            self._adopt(*opened)
+            resend = sorted(self._pending.values(), key=lambda r: r.id)
+            waiters = list(self._cancel_waiters.values())
+            self._cancel_waiters.clear()
+            status_waiters = list(self._status_waiters)
+            self._status_waiters.clear()
+        for event, box in waiters:
+            box.append(set())  # a cancel lost with the old connection cancelled nothing
+            event.set()
+        for event, _ in status_waiters:
+            event.set()
+        if resend:
+            entries, buffers = P.encode_tasks(((r.id, r.task) for r in resend), self._sent_blobs)
+            self._queue_frame({"t": "submit", "tasks": entries}, buffers)
+        log.warning("reconnected to the master at %s:%s; resubmitted %d unfinished tasks", host, port, len(resend))
+        return True
 
     def _shut(self, error: BaseException | None) -> None:
         with self._lock:
@@ -464,6 +553,8 @@ class ClientConnection:
                 with self._lock:
                     if not self._pending and not self._outbox:
                         self._idle.notify_all()
+            elif t == "ping":
+                pass  # the master is alive; any message says so
             elif t == "status":
                 with self._lock:
                     waiter = self._status_waiters.popleft() if self._status_waiters else None

@@ -48,7 +48,7 @@ class ClusterExecutor(Executor):
     def __init__(self, address: str | tuple[str, int] | None = None, max_workers: int | None = None, *,
                  authkey: str | bytes | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None, mp_context: Any = None,
-                 connect_timeout: float = 30.0, name: str | None = None):
+                 connect_timeout: float = 30.0, reconnect_window: float = 60.0, name: str | None = None):
         if isinstance(address, int) and not isinstance(address, bool):
             # ClusterExecutor(8), as one would write ProcessPoolExecutor(8)
             address, max_workers = None, address
@@ -71,7 +71,8 @@ class ClusterExecutor(Executor):
             key, _ = resolve_key(authkey)
         try:
             self._conn = ClientConnection(host_port, key, name=name or _default_name(),
-                                          connect_timeout=connect_timeout)
+                                          connect_timeout=connect_timeout,
+                                          reconnect_window=0.0 if self._local is not None else reconnect_window)
         except BaseException:
             if self._local is not None:
                 self._local.stop()

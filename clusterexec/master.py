@@ -37,8 +37,12 @@ log = logging.getLogger("clusterexec.master")
 class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""
 
-    def __init__(self, key: bytes, *, prefetch: int | None = None):
+    def __init__(self, key: bytes, *, prefetch: int | None = None, heartbeat_interval: float = 1.0,
+                 heartbeat_timeout: float = 5.0):
         self.key = key
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self._beat: asyncio.TimerHandle | None = None
         self.scheduler = Scheduler(prefetch=prefetch)
         self.server: asyncio.base_events.Server | None = None
         self.address: tuple[str, int] | None = None
@@ -56,9 +60,12 @@ class Master:
         self.server = await self._loop.create_server(self._new_connection, host, port, reuse_address=True)
         sockname = self.server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
+        self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
         return self.address
 
     def close(self) -> None:
+        if self._beat is not None:
+            self._beat.cancel()
         if self.server is not None:
             self.server.close()
         for conn in [*self._client_conn.values(), *self._node_conn.values()]:
@@ -77,6 +84,7 @@ class Master:
     # ------------------------------------------------------------------------------------------ input
 
     def _on_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
+        conn.last_heard = self._loop.time()
         for msg in messages:
             try:
                 kind = conn.state[0] if conn.state else None
@@ -103,7 +111,8 @@ class Master:
             self._client_cache[cid] = P.BlobLRU()
             conn.state = ("client", cid)
             conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
-                       "nodes": len(self.scheduler.nodes), "version": __version__})
+                       "nodes": len(self.scheduler.nodes), "version": __version__,
+                       "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout]})
             log.info("client %d connected from %s (%s)", cid, conn.peer, header.get("name", "?"))
         elif role == "worker":
             nprocs = int(header["nprocs"])
@@ -114,7 +123,7 @@ class Master:
             self._node_conn[nid] = conn
             self._node_sent[nid] = P.BlobLRU()
             conn.state = ("node", nid)
-            conn.send({"t": "welcome", "id": nid})
+            conn.send({"t": "welcome", "id": nid, "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout]})
             log.info("worker node %d joined from %s: host %s, pid %s, %d processes",
                      nid, conn.peer, header.get("host"), header.get("pid"), nprocs)
         elif role == "status":
@@ -151,6 +160,8 @@ class Master:
                 sched.result(nid, int(gid), status, bufs, info)
         elif t == "started":
             sched.started(nid, [int(g) for g in h["ids"]])
+        elif t == "pong":
+            pass  # its arrival is the point
         elif t == "cancel_reply":
             sched.cancel_reply(nid, int(h["key"]), [int(g) for g in h["cancelled"]],
                                [int(g) for g in h["refused"]])
@@ -171,9 +182,32 @@ class Master:
             self._node_sent.pop(ident, None)
             node = self.scheduler.nodes.get(ident)
             running = len(node.assigned) if node else 0
-            self.scheduler.remove_node(ident, {"reason": "the worker node disconnected"})
-            log.info("worker node %d left (%d tasks in flight go back to the queue)", ident, running)
+            if isinstance(exc, TimeoutError):
+                reason = f"it stopped answering heartbeats for {self.heartbeat_timeout:g} s"
+                log.warning("worker node %d (%s) stopped answering for %g s: presumed hung or unreachable; "
+                            "its %d tasks in flight go to other workers", ident,
+                            node.info.get("host") if node else "?", self.heartbeat_timeout, running)
+            else:
+                reason = "the worker node disconnected"
+                log.info("worker node %d left (%d tasks in flight go back to the queue)", ident, running)
+            self.scheduler.remove_node(ident, {"reason": reason})
         self._schedule_flush()
+
+    def _heartbeat(self) -> None:
+        """Ping every peer; a worker node silent for `heartbeat_timeout` is presumed hung or cut off, and
+        its tasks go to other nodes. (If it comes back, its connection is gone: it reconnects as a new node
+        and drops what it was running.) Clients take the pings as a sign of our own life."""
+        now = self._loop.time()
+        for conn in list(self._node_conn.values()):
+            if isinstance(conn, LinkEnd):
+                continue
+            if now - getattr(conn, "last_heard", now) > self.heartbeat_timeout:
+                conn.fail(TimeoutError("no heartbeat"))
+            else:
+                conn.send({"t": "ping"})
+        for conn in self._client_conn.values():
+            conn.send({"t": "ping"})
+        self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
 
     # ------------------------------------------------------------------------------------------ output
 
@@ -286,9 +320,17 @@ def main(argv: list[str] | None = None) -> int:
                                           "or CLUSTEREXEC_AUTHKEY)")
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also run N task processes here, as a worker node of this master")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="S",
+                        help="seconds between pings to each peer (default 1)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S",
+                        help="a worker node silent this long is presumed dead and its tasks go elsewhere "
+                             "(default 5)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
+        print("clusterexec.master: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
+        return 2
     try:
         key, source = resolve_key(args.authkey, args.authkey_file, create=True)
     except (MissingKeyError, OSError) as e:
@@ -301,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
-    master = Master(key)
+    master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
     try:
         host, port = await master.start(args.host, args.port)
     except OSError as e:

@@ -75,24 +75,28 @@ class Agent:
     """Connects to the master, supervises `nprocs` task processes, and relays tasks and results."""
 
     def __init__(self, address: tuple[str, int], key: bytes, nprocs: int | None = None,
-                 *, connect_timeout: float = 60.0):
+                 *, connect_timeout: float = 60.0, reconnect_window: float = 60.0):
         self.address = address
         self.key = key
         self.nprocs = nprocs or default_nprocs()
         self.connect_timeout = connect_timeout
+        self.reconnect_window = reconnect_window
         self.host = socket.gethostname()
-        self.conn: FramedConnection | None = None
+        self.conn: FramedConnection | LinkEnd | None = None
         self.procs: dict[int, _Proc] = {}
         self.queue: deque[P.Task] = deque()
         self.cache = P.BlobLRU()
         self.closed = asyncio.Event()
         self.closing = False
-        self._ready = asyncio.Event()
+        self._welcome: asyncio.Future | None = None
         self._out_started: list[int] = []
         self._out_results: list[tuple[int, str, list[Any], Any]] = []
         self._flush_scheduled = False
         self._started_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._last_heard = 0.0
+        self._heartbeat: tuple[float, float] | None = None  # (interval, timeout) the master asked for
+        self._watchdog: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -106,60 +110,59 @@ class Agent:
         for _ in range(self.nprocs):
             self._spawn()
         if link is not None:
+            self._welcome = self._loop.create_future()
             self.conn = link
             link.bind(self._on_ready, self._on_master_messages, self._on_master_lost)
-            await self._wait_welcome()
+            await self._welcome
         else:
-            await self._connect()
+            await self._connect(self.connect_timeout)
 
-    async def _connect(self) -> None:
+    async def _connect(self, window: float) -> None:
+        """Connect and authenticate, retrying with backoff for `window` seconds; a refused key is final."""
         loop = self._loop
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + window
         delay = 0.05
         host, port = self.address
         warned = False
         while True:
             try:
-                # Resolve in this thread: the agent must stay single-threaded so that fork() is safe.
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                last: OSError | None = None
-                for family, type_, proto, _, addr in infos:
-                    sock = socket.socket(family, type_, proto)
-                    sock.setblocking(False)
-                    try:
-                        await loop.sock_connect(sock, addr)
-                        break
-                    except OSError as e:
-                        sock.close()
-                        last = e
-                else:
-                    raise last or OSError(f"cannot resolve {host}")
-                break
-            except OSError as e:
+                sock = await self._open_socket(host, port)
+                self._welcome = loop.create_future()
+                _, conn = await loop.create_connection(
+                    lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
+                                             on_messages=self._on_master_messages, on_lost=self._on_master_lost),
+                    sock=sock)
+                self.conn = conn
+                await self._welcome
+                return
+            except (P.AuthenticationError, P.VersionMismatch):
+                raise
+            except (OSError, P.ProtocolError) as e:
+                if self.closing:
+                    raise ConnectionError("stopped") from None
                 if time.monotonic() + delay > deadline:
                     raise ConnectionError(f"cannot reach the master at {host}:{port}: {e}") from None
                 if not warned:
-                    log.warning("master at %s:%s not reachable (%s); retrying for %.0f s", host, port, e,
-                                self.connect_timeout)
+                    log.warning("master at %s:%s not reachable (%s); retrying for up to %.0f s", host, port, e, window)
                     warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _, conn = await loop.create_connection(
-            lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
-                                     on_messages=self._on_master_messages, on_lost=self._on_master_lost),
-            sock=sock)
-        self.conn = conn
-        await self._wait_welcome()
 
-    async def _wait_welcome(self) -> None:
-        waiter = asyncio.ensure_future(self._ready.wait())
-        closed = asyncio.ensure_future(self.closed.wait())
-        await asyncio.wait([waiter, closed], return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        closed.cancel()
-        if self.failure is not None:
-            raise self.failure
+    async def _open_socket(self, host: str, port: int) -> socket.socket:
+        # Resolve in this thread: the agent must stay single-threaded so that fork() is safe.
+        last: OSError | None = None
+        for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                await self._loop.sock_connect(sock, addr)
+            except OSError as e:
+                sock.close()
+                last = e
+                continue
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        raise last or OSError(f"cannot resolve {host}")
 
     def _on_ready(self, conn: FramedConnection) -> None:
         conn.send({"t": "hello", "role": "worker", "nprocs": self.nprocs, "host": self.host, "pid": os.getpid(),
@@ -167,6 +170,8 @@ class Agent:
 
     async def stop(self) -> None:
         self.closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.conn is not None:
             self.conn.close()
         for proc in list(self.procs.values()):
@@ -181,12 +186,17 @@ class Agent:
     # ------------------------------------------------------------------------------------------ master link
 
     def _on_master_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
+        if conn is not self.conn:
+            return
+        self._last_heard = self._loop.time()
         for msg in messages:
             t = msg.type
             h = msg.header
             try:
                 if t == "tasks":
                     self.queue.extend(P.decode_tasks(h["tasks"], msg.buffers, self.cache))
+                elif t == "ping":
+                    conn.send({"t": "pong"})
                 elif t == "cancel":
                     self._cancel(int(h["key"]), [int(g) for g in h["ids"]])
                 elif t == "drop":
@@ -196,24 +206,74 @@ class Agent:
                 elif t == "welcome":
                     log.info("connected to master %s:%s as node %s with %d processes",
                              *self.address, h.get("id"), self.nprocs)
-                    self._ready.set()
+                    beat = h.get("heartbeat")
+                    if beat and not isinstance(conn, LinkEnd):
+                        self._heartbeat = (float(beat[0]), float(beat[1]))
+                        self._arm_watchdog()
+                    if self._welcome is not None and not self._welcome.done():
+                        self._welcome.set_result(True)
                 else:
                     raise P.ProtocolError(f"unknown message type {t!r} from the master")
-            except (KeyError, TypeError, ValueError) as e:
+            except (KeyError, TypeError, ValueError, IndexError) as e:
                 raise P.ProtocolError(f"malformed {t!r} message: {e}") from None
         self._dispatch()
 
-    def _on_master_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
-        if self.closing:
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog = self._loop.call_later(self._heartbeat[0], self._check_master)
+
+    def _check_master(self) -> None:
+        """A master that sends nothing (not even its pings) for the heartbeat timeout is presumed gone."""
+        conn = self.conn
+        if self.closing or conn is None or conn.closed or self._heartbeat is None:
             return
-        if isinstance(exc, P.AuthenticationError | P.VersionMismatch | P.ProtocolError):
-            self.failure = exc
-        elif not self._ready.is_set():
-            self.failure = ConnectionError(f"the master closed the connection: {exc or 'no reason given'}")
-        else:
+        silent = self._loop.time() - self._last_heard
+        if silent > self._heartbeat[1]:
+            conn.fail(TimeoutError(f"no word from the master for {silent:.1f} s"))
+            return
+        self._arm_watchdog()
+
+    def _on_master_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
+        if self.closing or conn is not self.conn:
+            return
+        if self._welcome is not None and not self._welcome.done():
+            # Lost while connecting: _connect decides whether to try again.
+            self._welcome.set_exception(exc if isinstance(exc, Exception) else
+                                        ConnectionError(f"the master closed the connection: {exc or 'no reason'}"))
+            return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        in_flight = len(self.queue) + sum(p.task is not None for p in self.procs.values())
+        if isinstance(conn, LinkEnd) or self.reconnect_window <= 0 or isinstance(exc, P.AuthenticationError):
             log.warning("lost the connection to the master (%s); stopping", exc or "closed")
             self.failure = ConnectionError("lost the connection to the master")
-        self._loop.create_task(self.stop())
+            self._loop.create_task(self.stop())
+            return
+        log.warning("lost the connection to the master (%s); dropping %d tasks and reconnecting for up to %.0f s",
+                    exc or "closed", in_flight, self.reconnect_window)
+        self._forget_session()
+        self._loop.create_task(self._reconnect())
+
+    def _forget_session(self) -> None:
+        """The master (maybe a restarted one) will hand its tasks out again: stop all we were doing for it."""
+        self.queue.clear()
+        for proc in self.procs.values():
+            if proc.task is not None:
+                proc.dropped = True
+                self._kill(proc)
+        self.cache = P.BlobLRU()
+        self._out_started = []
+        self._out_results = []
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connect(self.reconnect_window)
+        except (ConnectionError, P.ProtocolError, P.AuthenticationError, P.VersionMismatch) as e:
+            if not self.closing:
+                self.failure = ConnectionError(f"the master did not come back within "
+                                               f"{self.reconnect_window:.0f} s: {e}")
+                await self.stop()
 
     def _cancel(self, key: int, gids: list[int]) -> None:
         wanted = set(gids)
@@ -630,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--authkey", help="the shared key itself (visible in `ps`; prefer a key file)")
     parser.add_argument("--connect-timeout", type=float, default=60.0,
                         help="seconds to keep trying to reach the master at start (default 60)")
+    parser.add_argument("--reconnect-window", type=float, default=60.0,
+                        help="seconds to keep trying to reach a master that went away, e.g. to restart "
+                             "(default 60; 0 exits at once)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -649,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _run(address: tuple[str, int], key: bytes, args: argparse.Namespace) -> int:
-    agent = Agent(address, key, args.nprocs, connect_timeout=args.connect_timeout)
+    agent = Agent(address, key, args.nprocs, connect_timeout=args.connect_timeout,
+                  reconnect_window=args.reconnect_window)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: loop.create_task(agent.stop()))
