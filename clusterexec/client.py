@@ -31,6 +31,7 @@ from . import __version__
 from . import protocol as P
 from . import serialization as S
 from .errors import (
+    ClusterError,
     ClusterUnavailable,
     InitializerError,
     RemoteError,
@@ -195,6 +196,8 @@ class ClientConnection:
         self.procs = int(welcome.get("procs") or 0)
         beat = welcome.get("heartbeat")
         self._heartbeat = (float(beat[0]), float(beat[1])) if beat else None
+        self.max_frame = int(welcome.get("max_frame") or P.DEFAULT_MAX_FRAME)
+        reader.max_frame = max(reader.max_frame, self.max_frame)
         self._last_heard = time.monotonic()
         self._sent_blobs = P.BlobLRU()  # the other side's cache is new too
         self._wbuf: deque[memoryview] = deque()
@@ -424,9 +427,7 @@ class ClientConnection:
             event.set()
         for event, _ in status_waiters:
             event.set()
-        if resend:
-            entries, buffers = P.encode_tasks(((r.id, r.task) for r in resend), self._sent_blobs)
-            self._queue_frame({"t": "submit", "tasks": entries}, buffers)
+        self._queue_tasks(resend)
         log.warning("reconnected to the master at %s:%s; resubmitted %d unfinished tasks", host, port, len(resend))
         return True
 
@@ -477,15 +478,27 @@ class ClientConnection:
                     r.state = SENT
                     self._pending[r.id] = r
                     sending.append(r)
-        if sending:
-            entries, buffers = P.encode_tasks(((r.id, r.task) for r in sending), self._sent_blobs)
-            self._queue_frame({"t": "submit", "tasks": entries}, buffers)
+        limit = self.max_frame
+        for r in [r for r in sending if P.task_size(r.task) > limit]:
+            # The master would refuse the frame and close the connection: fail this task alone.
+            self._pending.pop(r.id, None)
+            r.state = DONE
+            _set_exception(r.future, ClusterError(
+                f"the task's data is {P.task_size(r.task) >> 20} MiB, more than the master accepts in one message "
+                f"({limit >> 20} MiB; see python -m clusterexec.master --max-frame-mb)"))
+            sending.remove(r)
+        self._queue_tasks(sending)
         for req, ids in cancels:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
         for _ in range(status_requests):
             self._queue_frame({"t": "status"})
         if kills:
             self._queue_frame({"t": "kill", "ids": kills})
+
+    def _queue_tasks(self, records: list[_Record]) -> None:
+        for group in P.in_frames(records, lambda r: P.task_size(r.task), self.max_frame):
+            entries, buffers = P.encode_tasks(((r.id, r.task) for r in group), self._sent_blobs)
+            self._queue_frame({"t": "submit", "tasks": entries}, buffers)
 
     def _queue_frame(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
         for piece in P.encode(header, buffers):

@@ -38,8 +38,9 @@ class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""
 
     def __init__(self, key: bytes, *, prefetch: int | None = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 5.0):
+                 heartbeat_timeout: float = 5.0, max_frame: int = P.DEFAULT_MAX_FRAME):
         self.key = key
+        self.max_frame = max_frame
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self._beat: asyncio.TimerHandle | None = None
@@ -79,7 +80,7 @@ class Master:
 
     def _new_connection(self) -> FramedConnection:
         return FramedConnection(role="server", key=self.key, on_ready=_no_op,
-                                on_messages=self._on_messages, on_lost=self._on_lost)
+                                on_messages=self._on_messages, on_lost=self._on_lost, max_frame=self.max_frame)
 
     # ------------------------------------------------------------------------------------------ input
 
@@ -112,7 +113,7 @@ class Master:
             conn.state = ("client", cid)
             conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
                        "nodes": len(self.scheduler.nodes), "version": __version__,
-                       "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout]})
+                       "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout], "max_frame": self.max_frame})
             log.info("client %d connected from %s (%s)", cid, conn.peer, header.get("name", "?"))
         elif role == "worker":
             nprocs = int(header["nprocs"])
@@ -123,7 +124,8 @@ class Master:
             self._node_conn[nid] = conn
             self._node_sent[nid] = P.BlobLRU()
             conn.state = ("node", nid)
-            conn.send({"t": "welcome", "id": nid, "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout]})
+            conn.send({"t": "welcome", "id": nid, "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout],
+                       "max_frame": self.max_frame})
             log.info("worker node %d joined from %s: host %s, pid %s, %d processes",
                      nid, conn.peer, header.get("host"), header.get("pid"), nprocs)
         elif role == "status":
@@ -235,9 +237,9 @@ class Master:
                     conn.send({"t": "cancel", "key": key, "ids": gids})
                 node.out_cancel = []
             if node.out_tasks:
-                entries, buffers = P.encode_tasks(((ts.gid, ts.task) for ts in node.out_tasks),
-                                                  self._node_sent[node.id])
-                conn.send({"t": "tasks", "tasks": entries}, buffers)
+                for group in P.in_frames(node.out_tasks, lambda ts: P.task_size(ts.task), self.max_frame):
+                    entries, buffers = P.encode_tasks(((ts.gid, ts.task) for ts in group), self._node_sent[node.id])
+                    conn.send({"t": "tasks", "tasks": entries}, buffers)
                 node.out_tasks = []
         sched.dirty_nodes.clear()
         for client in sched.dirty_clients:
@@ -248,12 +250,9 @@ class Master:
                 conn.send({"t": "started", "ids": client.out_started})
                 client.out_started = []
             if client.out_results:
-                items = []
-                buffers: list[Any] = []
-                for tid, status, bufs, info in client.out_results:
-                    items.append([tid, status, len(bufs), info])
-                    buffers.extend(bufs)
-                conn.send({"t": "results", "items": items}, buffers)
+                for group in P.in_frames(client.out_results, P.result_size, self.max_frame):
+                    items, buffers = P.encode_results(group)
+                    conn.send({"t": "results", "items": items}, buffers)
                 client.out_results = []
             for reply in client.out_cancel_replies:
                 conn.send({"t": "cancel_reply", **reply})
@@ -325,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S",
                         help="a worker node silent this long is presumed dead and its tasks go elsewhere "
                              "(default 5)")
+    parser.add_argument("--max-frame-mb", type=int, default=P.DEFAULT_MAX_FRAME >> 20, metavar="MB",
+                        help="largest message a peer may send, which bounds what the master buffers for one "
+                             f"connection (default {P.DEFAULT_MAX_FRAME >> 20})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -343,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
-    master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout)
+    master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
+                    max_frame=args.max_frame_mb << 20)
     try:
         host, port = await master.start(args.host, args.port)
     except OSError as e:

@@ -54,7 +54,7 @@ _PREFIX = struct.Struct("!HI")
 _BUFLEN = struct.Struct("!Q")
 
 DEFAULT_MAX_HEADER = 64 * 1024 * 1024
-DEFAULT_MAX_FRAME = 16 * 1024 * 1024 * 1024
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024 * 1024  # the master's --max-frame-mb; a task's data must fit
 MAX_BUFFERS = 65535
 
 
@@ -329,3 +329,44 @@ def split_buffers(items: Sequence[Sequence[Any]], buffers: list[memoryview],
     if pos != len(buffers):
         raise ProtocolError("frame has buffers that no result claims")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+def nbytes(buffers: Iterable[Any]) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+def task_size(task: Task) -> int:
+    """Bytes a task may put in a frame (its blobs counted as if they travelled inline)."""
+    return nbytes(task.bufs) + nbytes(blob.data for blob in task.deps)
+
+
+def in_frames(items: Iterable[Any], size: Callable[[Any], int], limit: int) -> Iterable[list[Any]]:
+    """Group items, in order, so that each group fits in one frame of at most `limit` buffer bytes."""
+    group: list[Any] = []
+    total = 0
+    for item in items:
+        n = size(item)
+        if group and total + n > limit:
+            yield group
+            group, total = [], 0
+        group.append(item)
+        total += n
+    if group:
+        yield group
+
+
+def encode_results(results: Iterable[tuple[int, str, list[Any], Any]]) -> tuple[list[Any], list[Any]]:
+    """Entries [id, status, nbufs, info] for a "results" header, and the flat buffer list."""
+    items = []
+    buffers: list[Any] = []
+    for task_id, status, bufs, info in results:
+        items.append([task_id, status, len(bufs), info])
+        buffers.extend(bufs)
+    return items, buffers
+
+
+def result_size(result: tuple[int, str, list[Any], Any]) -> int:
+    return nbytes(result[2])

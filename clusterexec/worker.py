@@ -95,6 +95,7 @@ class Agent:
         self._started_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_heard = 0.0
+        self.max_frame = P.DEFAULT_MAX_FRAME  # what the master accepts in one frame (from its welcome)
         self._heartbeat: tuple[float, float] | None = None  # (interval, timeout) the master asked for
         self._watchdog: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
@@ -206,6 +207,9 @@ class Agent:
                 elif t == "welcome":
                     log.info("connected to master %s:%s as node %s with %d processes",
                              *self.address, h.get("id"), self.nprocs)
+                    self.max_frame = int(h.get("max_frame") or P.DEFAULT_MAX_FRAME)
+                    if isinstance(conn, FramedConnection):
+                        conn.reader.max_frame = max(conn.reader.max_frame, self.max_frame)
                     beat = h.get("heartbeat")
                     if beat and not isinstance(conn, LinkEnd):
                         self._heartbeat = (float(beat[0]), float(beat[1]))
@@ -337,12 +341,9 @@ class Agent:
             self._out_results.clear()
             return
         if self._out_results:
-            items = []
-            buffers: list[Any] = []
-            for gid, status, bufs, info in self._out_results:
-                items.append([gid, status, len(bufs), info])
-                buffers.extend(bufs)
-            conn.send({"t": "results", "items": items}, buffers)
+            for group in P.in_frames(self._out_results, P.result_size, self.max_frame):
+                items, buffers = P.encode_results(group)
+                conn.send({"t": "results", "items": items}, buffers)
             self._out_results = []
 
     # ------------------------------------------------------------------------------------------ processes
@@ -418,7 +419,16 @@ class Agent:
             if proc.deadline is not None:
                 proc.deadline.cancel()
                 proc.deadline = None
-            if not proc.dropped:
+            if proc.dropped:
+                continue
+            size = P.nbytes(msg.buffers)
+            if size > self.max_frame:  # the master would refuse the frame: fail this task alone
+                self._out_results.append((task.id, "error", [], {
+                    "kind": "serialization", "phase": "sending the result", "type": "clusterexec.ClusterError",
+                    "message": f"the result is {size >> 20} MiB, more than the master accepts in one message "
+                               f"({self.max_frame >> 20} MiB; see python -m clusterexec.master --max-frame-mb)",
+                    "pid": proc.pid, "host": self.host}))
+            else:
                 self._out_results.append((task.id, h["s"], msg.buffers, h.get("i")))
         self._dispatch()
         self._schedule_flush()
@@ -519,9 +529,9 @@ def _set_parent_death_signal() -> None:
 # What a task process is doing, written to one byte of memory it shares with its agent, so that when
 # the process dies (os._exit, a segfault, the OOM killer) the agent can say in which phase.
 PHASES = ("waiting for a task", "unpickling the function", "running the initializer", "unpickling the arguments",
-          "running the task", "pickling the result", "sending the result")
+          "running the task", "pickling the result", "sending the result", "pickling the exception")
 (_IDLE, _UNPICKLING_FN, _INITIALIZING, _UNPICKLING_ARGS, _RUNNING, _PICKLING_RESULT,
- _SENDING_RESULT) = range(len(PHASES))
+ _SENDING_RESULT, _PICKLING_EXCEPTION) = range(len(PHASES))
 
 
 class _TaskRunner:
@@ -591,7 +601,7 @@ class _TaskRunner:
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
-            phase[0] = _PICKLING_RESULT
+            phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             return "raise", bufs, info
         phase[0] = _PICKLING_RESULT
@@ -606,8 +616,9 @@ class _TaskRunner:
             try:
                 values.append(fn(*args))
             except BaseException as exc:  # noqa: BLE001
-                self.phase[0] = _PICKLING_RESULT
+                self.phase[0] = _PICKLING_EXCEPTION
                 bufs, info = S.dumps_exception(exc)
+                self.phase[0] = _PICKLING_RESULT
                 try:
                     partial = S.dumps(values, "pickling the result")
                 except S.SerializationError as e:

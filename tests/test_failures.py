@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 import clusterexec
-from clusterexec import ClusterUnavailable, RemoteError, SerializationError, WorkerLostError
+from clusterexec import ClusterError, ClusterUnavailable, RemoteError, SerializationError, WorkerLostError
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -627,3 +627,30 @@ def test_a_task_process_that_dies_is_noticed_even_if_a_child_it_forked_keeps_run
                     os.kill(int(marker.name), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def make_bytes(n):
+    return b"x" * n
+
+
+def test_oversized_task_data_and_results_fail_their_future_alone_with_a_clear_error(tmp_path):
+    from conftest import Cluster
+
+    c = Cluster(tmp_path)
+    try:
+        c.start_master(0, "--max-frame-mb", "1")
+        c.start_worker(2)
+        with c.executor() as ex:
+            big_arg = ex.submit(len, b"x" * (2 << 20))
+            big_result = ex.submit(make_bytes, 2 << 20)
+            fine = [ex.submit(make_bytes, 1000) for _ in range(50)]  # many small ones still batch together
+            with pytest.raises(ClusterError, match="more than the master accepts"):
+                big_arg.result(timeout=RESULT_TIMEOUT)
+            with pytest.raises(SerializationError, match="more than the master accepts") as info:
+                big_result.result(timeout=RESULT_TIMEOUT)
+            assert info.value.phase == "sending the result"
+            assert all(f.result(timeout=RESULT_TIMEOUT) == b"x" * 1000 for f in fine)
+            _still_usable(ex)
+            assert len(ex.cluster_info()["workers"]) == 1, "the node kept its connection"
+    finally:
+        c.stop()
