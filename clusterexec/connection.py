@@ -40,6 +40,9 @@ class FramedConnection(asyncio.Protocol):
         self.closed = False
         self.error: BaseException | None = None
         self.state: Any = None  # what the owner attaches (a client, a node, a task process)
+        # Loop time of the last bytes received, whole frames or not: a peer in the middle of sending us a
+        # frame bigger than (bandwidth × heartbeat timeout) is alive, though no message has arrived yet.
+        self.last_heard = 0.0
         self._pending = bytearray()
         self._challenge = P.new_challenge()
         self._timer: asyncio.TimerHandle | None = None
@@ -49,6 +52,7 @@ class FramedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.last_heard = asyncio.get_running_loop().time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -62,6 +66,7 @@ class FramedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        self.last_heard = asyncio.get_running_loop().time()
         if not self.ready:
             self._pending += data
             try:

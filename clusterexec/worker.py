@@ -127,14 +127,21 @@ class Agent:
         warned = False
         while True:
             try:
-                sock = await self._open_socket(host, port)
+                # Each attempt is bounded by what is left of the window: a connect whose SYNs vanish (host
+                # down, partition) would otherwise wait minutes for the kernel, as would a frozen master.
+                sock = await asyncio.wait_for(self._open_socket(host, port), max(0.1, deadline - time.monotonic()))
                 self._welcome = loop.create_future()
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
                                              on_messages=self._on_master_messages, on_lost=self._on_master_lost),
                     sock=sock)
                 self.conn = conn
-                await self._welcome
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._welcome), max(0.1, deadline - time.monotonic()))
+                except TimeoutError:
+                    self.conn = None  # so that its loss is not taken for the loss of an established session
+                    conn.close()
+                    raise
                 return
             except (P.AuthenticationError, P.VersionMismatch):
                 raise
@@ -142,9 +149,11 @@ class Agent:
                 if self.closing:
                     raise ConnectionError("stopped") from None
                 if time.monotonic() + delay > deadline:
-                    raise ConnectionError(f"cannot reach the master at {host}:{port}: {e}") from None
+                    reason = str(e) or "no answer"
+                    raise ConnectionError(f"cannot reach the master at {host}:{port}: {reason}") from None
                 if not warned:
-                    log.warning("master at %s:%s not reachable (%s); retrying for up to %.0f s", host, port, e, window)
+                    log.warning("master at %s:%s not reachable (%s); retrying for up to %.0f s", host, port,
+                                str(e) or "no answer", window)
                     warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -161,6 +170,9 @@ class Agent:
                 sock.close()
                 last = e
                 continue
+            except BaseException:  # cancelled (out of time)
+                sock.close()
+                raise
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return sock
         raise last or OSError(f"cannot resolve {host}")
@@ -218,8 +230,9 @@ class Agent:
                         self._welcome.set_result(True)
                 else:
                     raise P.ProtocolError(f"unknown message type {t!r} from the master")
-            except (KeyError, TypeError, ValueError, IndexError) as e:
-                raise P.ProtocolError(f"malformed {t!r} message: {e}") from None
+            except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+                # ArithmeticError: int(1e400) in JSON is an OverflowError, not a ValueError.
+                raise P.ProtocolError(f"malformed {t!r} message: {type(e).__name__}: {e}") from None
         self._dispatch()
 
     def _arm_watchdog(self) -> None:
@@ -232,10 +245,13 @@ class Agent:
         conn = self.conn
         if self.closing or conn is None or conn.closed or self._heartbeat is None:
             return
-        silent = self._loop.time() - self._last_heard
+        # Bytes of a frame still arriving count as word from the master (see FramedConnection.last_heard).
+        silent = self._loop.time() - max(self._last_heard, getattr(conn, "last_heard", 0.0))
         if silent > self._heartbeat[1]:
             conn.fail(TimeoutError(f"no word from the master for {silent:.1f} s"))
             return
+        # Our own sign of life, unasked: the master's pings may be stuck behind a big frame it is sending us.
+        conn.send({"t": "pong"})
         self._arm_watchdog()
 
     def _on_master_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
