@@ -373,12 +373,17 @@ class ClientConnection:
                         if data:
                             self._last_heard = time.monotonic()
                             self._handle(self._reader.feed(data))
-                if beat and time.monotonic() - self._last_heard > beat[1]:
+                if beat and time.monotonic() - self._last_heard > beat[1] and not any(
+                        key.data == "sock" and m & selectors.EVENT_READ for key, m in sel.select(0)):
+                    # (Bytes waiting unread mean the master did speak while this thread was busy, say in a
+                    # slow done-callback or unpickling a big result: that is not silence.)
                     raise ConnectionError(f"no word from the master for {beat[1]:g} s")
-                if self._wbuf:
-                    self._write()
-                if bool(self._wbuf) != writing:
-                    writing = bool(self._wbuf)
+                with self._lock:
+                    if self._wbuf:
+                        self._write()
+                    want_write = bool(self._wbuf)
+                if want_write != writing:
+                    writing = want_write
                     sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0), "sock")
                 with self._lock:
                     if self._stopping:
@@ -422,12 +427,12 @@ class ClientConnection:
             self._cancel_waiters.clear()
             status_waiters = list(self._status_waiters)
             self._status_waiters.clear()
+            self._queue_tasks(resend)
         for event, box in waiters:
             box.append(set())  # a cancel lost with the old connection cancelled nothing
             event.set()
         for event, _ in status_waiters:
             event.set()
-        self._queue_tasks(resend)
         log.warning("reconnected to the master at %s:%s; resubmitted %d unfinished tasks", host, port, len(resend))
         return True
 
@@ -465,27 +470,33 @@ class ClientConnection:
 
     def _take_outbox(self) -> None:
         with self._lock:
-            self._woken = False
-            records = self._outbox
-            self._outbox = []
-            cancels = self._cancel_out
-            self._cancel_out = []
-            status_requests, self._status_out = self._status_out, 0
-            kills, self._kill_out = self._kill_out, []
-            sending = []
-            for r in records:
-                if r.state == UNSENT:
-                    r.state = SENT
-                    self._pending[r.id] = r
-                    sending.append(r)
+            too_large = self._take_outbox_locked()
+        for future, error in too_large:  # outside the lock: done-callbacks may submit
+            _set_exception(future, error)
+
+    def _take_outbox_locked(self) -> list[tuple[ClusterFuture, BaseException]]:
+        self._woken = False
+        records = self._outbox
+        self._outbox = []
+        cancels = self._cancel_out
+        self._cancel_out = []
+        status_requests, self._status_out = self._status_out, 0
+        kills, self._kill_out = self._kill_out, []
+        sending = []
+        for r in records:
+            if r.state == UNSENT:
+                r.state = SENT
+                self._pending[r.id] = r
+                sending.append(r)
         limit = self.max_frame
+        too_large = []
         for r in [r for r in sending if P.task_size(r.task) > limit]:
             # The master would refuse the frame and close the connection: fail this task alone.
             self._pending.pop(r.id, None)
             r.state = DONE
-            _set_exception(r.future, ClusterError(
+            too_large.append((r.future, ClusterError(
                 f"the task's data is {P.task_size(r.task) >> 20} MiB, more than the master accepts in one message "
-                f"({limit >> 20} MiB; see python -m clusterexec.master --max-frame-mb)"))
+                f"({limit >> 20} MiB; see python -m clusterexec.master --max-frame-mb)")))
             sending.remove(r)
         self._queue_tasks(sending)
         for req, ids in cancels:
@@ -494,6 +505,7 @@ class ClientConnection:
             self._queue_frame({"t": "status"})
         if kills:
             self._queue_frame({"t": "kill", "ids": kills})
+        return too_large
 
     def _queue_tasks(self, records: list[_Record]) -> None:
         for group in P.in_frames(records, lambda r: P.task_size(r.task), self.max_frame):

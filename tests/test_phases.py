@@ -406,8 +406,9 @@ def assert_died(proc: subprocess.CompletedProcess, how: str) -> None:
 def test_hard_crash_while_the_client_pickles_or_unpickles_kills_the_client_and_nothing_else(phase, how):
     """os._exit or a segfault inside the caller's own pickling/unpickling ends the caller's process: no
     library can raise an exception from a process that no longer exists (any executor that pickles in the
-    caller's process, ProcessPoolExecutor and loky included, dies the same way). What clusterexec can promise is that it leaves nothing behind: the private cluster of a
-    local-mode executor notices its parent is gone and exits, and its task processes with it."""
+    caller's process, ProcessPoolExecutor and loky included, dies the same way). What clusterexec can
+    promise is that it leaves nothing behind: the private cluster of a local-mode executor notices its
+    parent is gone and exits, and its task processes with it."""
     proc, lines = run_crashing_client(phase, how, "ClusterExecutor(max_workers=2)")
     assert_died(proc, how)
     pids = [int(pid) for pid in next(line for line in lines if line.startswith("local cluster pids")).split()[3:]]
