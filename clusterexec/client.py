@@ -87,7 +87,7 @@ class ClusterFuture(Future):
 
 
 class _Record:
-    __slots__ = ("id", "future", "task", "state", "chunk", "conn")
+    __slots__ = ("id", "future", "task", "state", "chunk", "conn", "kill_requested")
 
     def __init__(self, conn: ClientConnection, task_id: int, future: ClusterFuture, task: P.Task, chunk: bool):
         self.conn = conn
@@ -96,6 +96,7 @@ class _Record:
         self.task = task
         self.state = UNSENT
         self.chunk = chunk
+        self.kill_requested = False
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -282,6 +283,7 @@ class ClientConnection:
                 record.state = CANCELLED_HERE
                 unsent = True
             elif record.state == SENT and self.broken is None:
+                record.kill_requested = True
                 self._kill_out.append(record.id)
                 self._wake_locked()
                 return True
@@ -411,7 +413,7 @@ class ClientConnection:
             if self._stopping:
                 return False
             try:
-                opened = self._open(min(self.connect_timeout, 5.0))
+                opened = self._open(max(0.1, min(self.connect_timeout, 5.0, deadline - time.monotonic())))
                 break
             except (P.AuthenticationError, P.VersionMismatch):
                 raise
@@ -428,6 +430,9 @@ class ClientConnection:
             status_waiters = list(self._status_waiters)
             self._status_waiters.clear()
             self._queue_tasks(resend)
+            killed = [r.id for r in resend if r.kill_requested]
+            if killed:  # a kill may have died with the old master: say it again
+                self._queue_frame({"t": "kill", "ids": killed})
         for event, box in waiters:
             box.append(set())  # a cancel lost with the old connection cancelled nothing
             event.set()

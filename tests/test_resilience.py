@@ -1210,3 +1210,24 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
                 cut_off.kill()
                 cut_off.wait()
         cluster.stop()
+
+
+def test_a_kill_sent_just_before_the_master_dies_still_holds_after_the_restart(tmp_path):
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_master(0)
+        port = cluster.port
+        cluster.start_worker(1)
+        with cluster.executor() as ex:
+            future = ex.submit(time.sleep, 30)
+            _wait_until(future.running, what="the task to start")
+            cluster.master.send_signal(signal.SIGSTOP)  # the kill below reaches its socket, never the master
+            assert ex.kill(future)
+            time.sleep(0.2)
+            cluster.master.send_signal(signal.SIGKILL)
+            cluster.master.wait(5)
+            cluster.start_master(port)
+            with pytest.raises(TaskKilled):
+                future.result(timeout=20)
+    finally:
+        cluster.stop()
