@@ -637,3 +637,38 @@ def test_connection_that_never_authenticates_is_closed_after_the_handshake_timeo
         sock.close()
     assert "no authentication" in _wait_for_log(cluster, peer)
     _assert_cluster_works(cluster)
+
+
+def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(cluster):
+    import psutil
+
+    master = psutil.Process(cluster.master.pid)
+    key = cluster.key.encode()
+
+    def one_round():
+        for i in range(60):
+            sock = _raw(cluster)
+            try:
+                if i % 3 == 0:
+                    sock.sendall(os.urandom(4096))  # garbage before authentication
+                else:
+                    _authenticate(sock, key)
+                    if i % 3 == 1:  # claims a 1 GiB buffer, then sends a little of it and goes away
+                        sock.sendall(struct.pack("!HI", 1, 2) + struct.pack("!Q", 1 << 30) + b"{}" + b"x" * 65536)
+                    else:
+                        sock.sendall(P.encode_bytes({"t": "hello", "role": "client"}) + P.encode_bytes({"t": "??"}))
+            except OSError:
+                pass
+            finally:
+                sock.close()
+
+    one_round()  # let allocator pools and log buffers settle
+    time.sleep(0.5)
+    before = master.memory_info().rss
+    for _ in range(3):
+        one_round()
+    time.sleep(0.5)
+    grown = master.memory_info().rss - before
+    assert grown < 8 * 1024 * 1024, f"the master grew by {grown / 2**20:.1f} MiB over 180 bad connections"
+    with cluster.executor() as ex:
+        assert ex.submit(pow, 2, 5).result(timeout=10) == 32
