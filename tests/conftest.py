@@ -154,3 +154,42 @@ def debug_cluster(tmp_path):
         yield c
     finally:
         c.stop()
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def agent_children(agent_pid: int) -> set[int]:
+    """The live task processes of a node agent."""
+    import psutil
+
+    live = set()
+    for p in psutil.Process(agent_pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                live.add(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
+    """Poll `predicate` until it returns something true (returned), or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def is_gone(pid: int) -> bool:
+    """The process has exited (or is a zombie nobody has reaped yet)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

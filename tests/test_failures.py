@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import agent_children, is_gone, wait_until
 
 import clusterexec
 from clusterexec import ClusterError, ClusterUnavailable, RemoteError, SerializationError, WorkerLostError
@@ -155,34 +155,6 @@ def raise_value_error(message):
 # ================================================================================================ helpers
 
 
-def _agent_children(agent_pid: int) -> set[int]:
-    """The live task processes of a node agent."""
-    live = set()
-    for p in psutil.Process(agent_pid).children():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                live.add(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return live
-
-
-def _wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _is_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _still_usable(ex) -> None:
@@ -198,17 +170,17 @@ def test_task_process_killed_mid_task_is_retried_elsewhere(cluster, tmp_path, ho
     marker = tmp_path / "attempted"
     agent = cluster.workers[0].pid
     with cluster.executor() as ex:
-        before = _agent_children(agent)
+        before = agent_children(agent)
         assert len(before) == 2
         value, pid = ex.submit(die_on_first_attempt, str(marker), how, "survived").result(timeout=RESULT_TIMEOUT)
         assert value == "survived"
         dead_pid = int(marker.read_text())
         assert pid != dead_pid, "the retry must run in another (live) process"
         # The dead process was replaced: the node is back to two task processes, without the dead one.
-        after = _wait_until(lambda: (c := _agent_children(agent)) and len(c) == 2 and c,
+        after = wait_until(lambda: (c := agent_children(agent)) and len(c) == 2 and c,
                             what="the replacement task process")
         assert dead_pid not in after
-        assert _is_gone(dead_pid)
+        assert is_gone(dead_pid)
         _still_usable(ex)
 
 
@@ -240,7 +212,7 @@ def test_task_that_kills_its_process_every_time_fails_with_worker_lost_after_the
         assert [f.result(timeout=RESULT_TIMEOUT) for f in good_before + good_after] == [i * i for i in range(10)]
         _still_usable(ex)
     # The node is whole again.
-    _wait_until(lambda: len(_agent_children(cluster.workers[0].pid)) == 2, what="replacement processes")
+    wait_until(lambda: len(agent_children(cluster.workers[0].pid)) == 2, what="replacement processes")
 
 
 def test_poison_item_in_a_map_raises_worker_lost_after_the_items_before_it(cluster, tmp_path):
@@ -282,9 +254,9 @@ def test_whole_worker_node_killed_reruns_its_tasks_on_the_other_node(cluster, tm
     with cluster.executor() as ex:
         futures = [ex.submit(record_start_and_sleep, str(starts), x, 0.4) for x in range(16)]
         # Wait until the doomed node is running some of our tasks, then kill its agent outright.
-        _wait_until(lambda: any(p.name.split("-")[1] == str(doomed.pid) for p in starts.iterdir()),
+        wait_until(lambda: any(p.name.split("-")[1] == str(doomed.pid) for p in starts.iterdir()),
                     what="a task to start on the first node")
-        doomed_children = _agent_children(doomed.pid)
+        doomed_children = agent_children(doomed.pid)
         assert doomed_children
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(5)
@@ -295,7 +267,7 @@ def test_whole_worker_node_killed_reruns_its_tasks_on_the_other_node(cluster, tm
         rerun = {x for x in started_on_doomed if results[x][1] == survivor.pid}
         assert rerun, "tasks that were running on the killed node must be re-run on the other one"
         # Its task processes did not outlive it.
-        _wait_until(lambda: all(_is_gone(pid) for pid in doomed_children), what="orphaned task processes to die")
+        wait_until(lambda: all(is_gone(pid) for pid in doomed_children), what="orphaned task processes to die")
         info = ex.cluster_info()
         assert [w["pid"] for w in info["workers"]] == [survivor.pid]
         _still_usable(ex)
@@ -332,7 +304,7 @@ def test_only_node_killed_mid_batch_tasks_wait_and_finish_when_a_new_node_joins(
     starts.mkdir()
     with cluster.executor() as ex:
         futures = [ex.submit(record_start_and_sleep, str(starts), x, 0.3) for x in range(6)]
-        _wait_until(lambda: any(starts.iterdir()), what="a task to start")
+        wait_until(lambda: any(starts.iterdir()), what="a task to start")
         node = cluster.workers[0]
         node.send_signal(signal.SIGKILL)
         node.wait(5)
@@ -348,9 +320,9 @@ def test_a_master_that_stays_away_past_the_window_fails_pending_futures_and_stop
     ex = cluster.executor(reconnect_window=1.0)
     try:
         assert ex.submit(square, 3).result(timeout=RESULT_TIMEOUT) == 9
-        children = _agent_children(agent.pid)
+        children = agent_children(agent.pid)
         futures = [ex.submit(sleep_and_return, 5, i) for i in range(4)]
-        _wait_until(lambda: any(f.running() for f in futures), what="a task to start")
+        wait_until(lambda: any(f.running() for f in futures), what="a task to start")
         cluster.master.send_signal(signal.SIGKILL)
         cluster.master.wait(5)
         t0 = time.monotonic()
@@ -362,7 +334,7 @@ def test_a_master_that_stays_away_past_the_window_fails_pending_futures_and_stop
             ex.submit(square, 2)
         # The node gives up too: it stops its task processes and exits non-zero, saying why.
         assert agent.wait(10) != 0
-        _wait_until(lambda: all(_is_gone(pid) for pid in children), what="the task processes to stop")
+        wait_until(lambda: all(is_gone(pid) for pid in children), what="the task processes to stop")
         assert "did not come back" in (cluster.log_dir / "worker0.log").read_text()
         # Shutting the broken executor down neither raises nor hangs.
         t0 = time.monotonic()
@@ -541,7 +513,7 @@ def test_ordinary_exception_travels_as_itself_with_the_remote_traceback(cluster)
 def test_second_client_is_served_while_first_clients_long_queue_drains(cluster):
     with cluster.executor() as a, cluster.executor() as b:
         a_futures = [a.submit(sleep_and_return, 0.05, i) for i in range(200)]
-        _wait_until(lambda: any(f.done() for f in a_futures), what="A's first results")
+        wait_until(lambda: any(f.done() for f in a_futures), what="A's first results")
         t0 = time.monotonic()
         assert b.submit(square, 12).result(timeout=RESULT_TIMEOUT) == 144
         b_latency = time.monotonic() - t0

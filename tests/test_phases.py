@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import is_gone
 
 from clusterexec import ClusterExecutor, RemoteError, SerializationError, WorkerLostError
 from clusterexec.serialization import RemoteTraceback
@@ -241,13 +242,6 @@ def outcome(future) -> BaseException:
     raise AssertionError(f"the task should have failed, but returned {value!r}")
 
 
-def _is_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 # ======================================================================================== 1. the worker's phases
 
 
@@ -414,7 +408,7 @@ def test_hard_crash_while_the_client_pickles_or_unpickles_kills_the_client_and_n
     pids = [int(pid) for pid in next(line for line in lines if line.startswith("local cluster pids")).split()[3:]]
     assert len(pids) == 3  # the local master-and-agent process and its two task processes
     deadline = time.monotonic() + 10
-    while left := [pid for pid in pids if not _is_gone(pid)]:
+    while left := [pid for pid in pids if not is_gone(pid)]:
         assert time.monotonic() < deadline, f"processes {left} of the local cluster outlived its crashed client"
         time.sleep(0.05)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Cluster, _env
+from conftest import Cluster, _env, agent_children, is_gone, wait_until
 
 from clusterexec import (
     ClusterExecutor,
@@ -151,34 +151,6 @@ def return_exit_when_pickled():
 # ================================================================================================ helpers
 
 
-def _agent_children(agent_pid: int) -> set[int]:
-    """The live task processes of a node agent."""
-    live = set()
-    for p in psutil.Process(agent_pid).children():
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                live.add(p.pid)
-        except psutil.NoSuchProcess:
-            pass
-    return live
-
-
-def _wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _is_gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _read(path: Path) -> str:
@@ -212,7 +184,7 @@ def _pid_of(path: Path) -> int:
 
 def _freeze(agent_pid: int) -> list[int]:
     """SIGSTOP a whole node, agent and task processes, as a hung machine would be."""
-    pids = [agent_pid, *_agent_children(agent_pid)]
+    pids = [agent_pid, *agent_children(agent_pid)]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
     return pids
@@ -295,7 +267,7 @@ def test_frozen_node_tasks_finish_on_the_other_node_and_it_rejoins_as_a_new_node
         futures = [ex.submit(record_and_sleep_longer_on, str(starts), x, frozen_node.pid, 10, 0.5)
                    for x in range(n)]
         calls = _count_calls(futures)
-        _wait_until(lambda: any(ppid == frozen_node.pid for _, ppid, _ in _started(starts)),
+        wait_until(lambda: any(ppid == frozen_node.pid for _, ppid, _ in _started(starts)),
                     what="a task to start on the node about to freeze")
         frozen = _freeze(frozen_node.pid)
         t0 = time.monotonic()
@@ -323,8 +295,8 @@ def test_frozen_node_tasks_finish_on_the_other_node_and_it_rejoins_as_a_new_node
         assert frozen_node.poll() is None
         # The task processes it had running those tasks were killed and replaced.
         frozen_task_pids = {pid for _, ppid, pid in _started(starts) if ppid == frozen_node.pid}
-        _wait_until(lambda: all(_is_gone(pid) for pid in frozen_task_pids), what="the stale task processes to go")
-        _wait_until(lambda: len(_agent_children(frozen_node.pid)) == 2, what="replacement task processes")
+        wait_until(lambda: all(is_gone(pid) for pid in frozen_task_pids), what="the stale task processes to go")
+        wait_until(lambda: len(agent_children(frozen_node.pid)) == 2, what="replacement task processes")
         # Nothing arrives twice: give a stale result every chance to show up, then count.
         time.sleep(1.0)
         assert all(calls[i] == 1 for i in range(n)), calls
@@ -365,7 +337,7 @@ def test_frozen_master_is_presumed_lost_by_agent_and_client_which_reconnect_when
     with _executor(cluster, name="thaw-test") as ex:
         futures = [ex.submit(record_and_sleep, str(starts), x, 0.3) for x in range(12)]
         calls = _count_calls(futures)
-        _wait_until(lambda: _started(starts), what="a task to start")
+        wait_until(lambda: _started(starts), what="a task to start")
         cluster.master.send_signal(signal.SIGSTOP)
         try:
             _wait_for_log(cluster.log_dir / "worker0.log", "no word from the master", within=BEAT_TIMEOUT + 3)
@@ -527,7 +499,7 @@ def test_master_killed_while_long_tasks_run_and_restarted_the_map_completes(clus
     n = 6
     with _executor(cluster) as ex:
         it = ex.map(record_and_sleep, [str(starts)] * n, range(n), [0.5] * n)
-        _wait_until(lambda: len(_started(starts)) >= 2, what="two tasks to start")
+        wait_until(lambda: len(_started(starts)) >= 2, what="two tasks to start")
         running_at_kill = {x for x, _, _ in _started(starts)}
         _restart_master(cluster, port)
         results = list(it)
@@ -560,10 +532,10 @@ def test_client_killed_has_its_running_tasks_killed_on_the_node_and_others_get_t
     doomed = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=_env())
     try:
         assert doomed.stdout.readline().strip() == b"running"
-        files = _wait_until(lambda: len(list(pids_dir.iterdir())) == 2 and list(pids_dir.iterdir()),
+        files = wait_until(lambda: len(list(pids_dir.iterdir())) == 2 and list(pids_dir.iterdir()),
                             what="two pid files")
         task_pids = {_pid_of(p) for p in files}
-        assert task_pids <= _agent_children(agent)
+        assert task_pids <= agent_children(agent)
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(5)
     finally:
@@ -573,9 +545,9 @@ def test_client_killed_has_its_running_tasks_killed_on_the_node_and_others_get_t
         doomed.stdout.close()
     t0 = time.monotonic()
     # Its running tasks are killed on the node, and their processes replaced.
-    _wait_until(lambda: all(_is_gone(pid) for pid in task_pids), timeout=5, what="the dead client's tasks to die")
+    wait_until(lambda: all(is_gone(pid) for pid in task_pids), timeout=5, what="the dead client's tasks to die")
     assert time.monotonic() - t0 < 4
-    replaced = _wait_until(lambda: (c := _agent_children(agent)) and len(c) == 2 and c, what="replacements")
+    replaced = wait_until(lambda: (c := agent_children(agent)) and len(c) == 2 and c, what="replacements")
     assert not replaced & task_pids
     with _executor(cluster, name="next-client") as ex:
         t0 = time.monotonic()
@@ -611,8 +583,8 @@ def test_poison_task_fails_after_its_budget_and_the_node_survives(cluster, tmp_p
         [after] = ex.cluster_info()["workers"]
         assert (after["id"], after["pid"]) == (node["id"], agent.pid)
         assert after["failed"] >= 3
-        _wait_until(lambda: len(_agent_children(agent.pid)) == 2, what="the node to be whole again")
-        assert not set(pids) & _agent_children(agent.pid)
+        wait_until(lambda: len(agent_children(agent.pid)) == 2, what="the node to be whole again")
+        assert not set(pids) & agent_children(agent.pid)
         assert list(ex.map(square, range(10))) == [x * x for x in range(10)]
 
 
@@ -655,8 +627,8 @@ def test_timeout_fails_with_task_timeout_replaces_the_process_and_leaves_other_t
         assert 0.5 <= elapsed < 0.5 + 3.5, f"took {elapsed:.2f} s"
         [pid_file] = pids_dir.iterdir()  # ran once: a time limit is not retried
         slow_pid = _pid_of(pid_file)
-        _wait_until(lambda: _is_gone(slow_pid), what="the timed-out process to be killed")
-        _wait_until(lambda: (c := _agent_children(agent)) and len(c) == 2 and slow_pid not in c,
+        wait_until(lambda: is_gone(slow_pid), what="the timed-out process to be killed")
+        wait_until(lambda: (c := agent_children(agent)) and len(c) == 2 and slow_pid not in c,
                     what="its replacement")
         assert [f.result(timeout=RESULT_TIMEOUT)[0] for f in others] == list(range(10))
         # Quick tasks under a limit are unaffected by it, and the executor is still usable.
@@ -700,15 +672,15 @@ def test_kill_a_running_task(cluster, tmp_path):
     with _executor(cluster) as ex:
         future = ex.submit(write_pid_and_sleep, str(pids_dir), "victim", 30)
         neighbour = ex.submit(sleep_and_ppid, 0.5, "neighbour")
-        pid = _pid_of(_wait_until(lambda: list(pids_dir.iterdir()), what="the task to start")[0])
+        pid = _pid_of(wait_until(lambda: list(pids_dir.iterdir()), what="the task to start")[0])
         t0 = time.monotonic()
         assert ex.kill(future) is True
         with pytest.raises(TaskKilled, match="killed while running") as info:
             future.result(timeout=RESULT_TIMEOUT)
         assert time.monotonic() - t0 < 4
         assert isinstance(info.value, CancelledError)
-        _wait_until(lambda: _is_gone(pid), what="the killed task's process to go")
-        _wait_until(lambda: (c := _agent_children(agent)) and len(c) == 2 and pid not in c, what="its replacement")
+        wait_until(lambda: is_gone(pid), what="the killed task's process to go")
+        wait_until(lambda: (c := agent_children(agent)) and len(c) == 2 and pid not in c, what="its replacement")
         assert neighbour.result(timeout=RESULT_TIMEOUT) == ("neighbour", agent)
         assert ex.kill(future) is False  # already done
         assert ex.kill(neighbour) is False
@@ -719,7 +691,7 @@ def test_kill_a_queued_task_it_never_runs(cluster, tmp_path):
     release = tmp_path / "release"
     with _executor(cluster) as ex:
         blockers = [ex.submit(wait_for_file, str(release), 20) for _ in range(2)]
-        _wait_until(lambda: all(f.running() for f in blockers), what="both processes to be busy")
+        wait_until(lambda: all(f.running() for f in blockers), what="both processes to be busy")
         queued = [ex.submit(touch_and_return, str(tmp_path / f"ran-{i}"), i) for i in range(6)]
         # Two wait prefetched on the node, four in the master's queue: kill one of each.
         cluster.wait_for(lambda i: i["queued"] == 4 and i["workers"][0]["busy"] == 4, what="the queue to settle")
@@ -746,7 +718,7 @@ def test_terminate_workers_on_a_busy_executor_stops_everything_at_once(cluster, 
     ex = cluster.executor(name="terminated")
     try:
         futures = [ex.submit(write_pid_and_sleep, str(pids_dir), i, 30) for i in range(10)]
-        files = _wait_until(lambda: (f := list(pids_dir.iterdir())) and len(f) == 2 and f, what="two tasks to start")
+        files = wait_until(lambda: (f := list(pids_dir.iterdir())) and len(f) == 2 and f, what="two tasks to start")
         task_pids = {_pid_of(p) for p in files}
         t0 = time.monotonic()
         ex.terminate_workers()
@@ -757,13 +729,13 @@ def test_terminate_workers_on_a_busy_executor_stops_everything_at_once(cluster, 
         assert sum(isinstance(f.exception(), TaskKilled) for f in futures if not f.cancelled()) >= 2
         with pytest.raises(RuntimeError, match="after shutdown"):
             ex.submit(square, 1)
-        _wait_until(lambda: all(_is_gone(pid) for pid in task_pids), timeout=3, what="the running tasks to die")
+        wait_until(lambda: all(is_gone(pid) for pid in task_pids), timeout=3, what="the running tasks to die")
         cluster.wait_for(lambda i: i["workers"][0]["busy"] == 0 and i["queued"] == 0
                          and not any(c["name"] == "terminated" for c in i["clients"]), what="the cluster to be idle")
         assert len(list(pids_dir.iterdir())) == 2  # nothing queued ever started
     finally:
         ex.shutdown(wait=False)
-    _wait_until(lambda: len(_agent_children(agent)) == 2, what="replacement processes")
+    wait_until(lambda: len(agent_children(agent)) == 2, what="replacement processes")
     with _executor(cluster) as other:
         t0 = time.monotonic()
         assert other.submit(square, 8).result(timeout=RESULT_TIMEOUT) == 64
@@ -777,7 +749,7 @@ def test_terminate_workers_in_local_mode_leaves_no_process_behind(tmp_path):
     try:
         local = ex._local.process
         futures = [ex.submit(write_pid_and_sleep, str(pids_dir), i, 30) for i in range(6)]
-        _wait_until(lambda: len(list(pids_dir.iterdir())) == 2, what="two tasks to start")
+        wait_until(lambda: len(list(pids_dir.iterdir())) == 2, what="two tasks to start")
         family = [local.pid, *(p.pid for p in psutil.Process(local.pid).children(recursive=True))]
         assert len(family) >= 3
         t0 = time.monotonic()
@@ -785,7 +757,7 @@ def test_terminate_workers_in_local_mode_leaves_no_process_behind(tmp_path):
         assert time.monotonic() - t0 < 5
         assert all(f.done() for f in futures)
         assert local.poll() is not None
-        _wait_until(lambda: all(_is_gone(pid) for pid in family), timeout=3, what="every local process to go")
+        wait_until(lambda: all(is_gone(pid) for pid in family), timeout=3, what="every local process to go")
         assert not [c for c in psutil.Process().children(recursive=True) if c.pid in family]
     finally:
         ex.shutdown(wait=False)
@@ -1178,7 +1150,7 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
             futures = [ex.submit(record_and_sleep_longer_on, str(starts), x, cut_off.pid, 10, 0.5)
                        for x in range(n)]
             calls = _count_calls(futures)
-            _wait_until(lambda: any(ppid == cut_off.pid for _, ppid, _ in _started(starts)),
+            wait_until(lambda: any(ppid == cut_off.pid for _, ppid, _ in _started(starts)),
                         what="a task to start on the namespaced node")
             netns.ip("link", "set", netns.veth_ns, "down", ns=True)  # the partition: no FIN, no RST, silence
             t0 = time.monotonic()
@@ -1193,7 +1165,7 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
                 # Its side gives up on the silent master too, and stops the tasks it was running.
                 _wait_for_log(log_path, "no word from the master", within=BEAT_TIMEOUT + 2)
                 stale = {pid for _, ppid, pid in _started(starts) if ppid == cut_off.pid}
-                _wait_until(lambda: all(_is_gone(pid) for pid in stale), what="the cut-off node's tasks to stop")
+                wait_until(lambda: all(is_gone(pid) for pid in stale), what="the cut-off node's tasks to stop")
             finally:
                 netns.ip("link", "set", netns.veth_ns, "up", ns=True)
             info = cluster.wait_for(lambda i: _worker_ids(i, cut_off.pid), what="the healed node to rejoin")
@@ -1220,7 +1192,7 @@ def test_a_kill_sent_just_before_the_master_dies_still_holds_after_the_restart(t
         cluster.start_worker(1)
         with cluster.executor() as ex:
             future = ex.submit(time.sleep, 30)
-            _wait_until(future.running, what="the task to start")
+            wait_until(future.running, what="the task to start")
             cluster.master.send_signal(signal.SIGSTOP)  # the kill below reaches its socket, never the master
             assert ex.kill(future)
             time.sleep(0.2)
