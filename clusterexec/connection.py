@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from . import protocol as P
 log = logging.getLogger("clusterexec.connection")
 
 HANDSHAKE_TIMEOUT = 10.0
+_WRITELINES_JOINS = sys.version_info < (3, 12)
 
 
 class FramedConnection(asyncio.Protocol):
@@ -152,7 +154,12 @@ class FramedConnection(asyncio.Protocol):
     def send(self, header: dict[str, Any], buffers: list[Any] | tuple = ()) -> None:
         if self.closed or self.transport is None:
             return
-        self.transport.writelines(P.encode(header, buffers))
+        pieces = P.encode(header, buffers)
+        if _WRITELINES_JOINS and len(pieces) > 2 and P.nbytes(pieces) >= P.FrameReader.LARGE:
+            for piece in pieces:  # Python 3.11's writelines joins everything first: one more copy of it all
+                self.transport.write(piece)
+        else:
+            self.transport.writelines(pieces)
 
     def fail(self, error: BaseException) -> None:
         """Close this connection because of `error` (reported once through on_lost)."""

@@ -142,17 +142,40 @@ class Message:
 
 
 class FrameReader:
-    """Turns a byte stream into `Message`s. Raises `ProtocolError` on anything malformed or oversized."""
+    """Turns a byte stream into `Message`s. Raises `ProtocolError` on anything malformed or oversized.
+
+    Small frames are cut out of an accumulating buffer. A large frame (a big array, say) gets a buffer of
+    its exact size as soon as its length is known, and the incoming bytes are copied into it once: its
+    message buffers are views of that one allocation, with no further copy.
+    """
+
+    LARGE = 1 << 20
+    PREALLOCATE = 64 << 20
 
     def __init__(self, max_header: int = DEFAULT_MAX_HEADER, max_frame: int = DEFAULT_MAX_FRAME):
         self.max_header = max_header
         self.max_frame = max_frame
         self._buf = bytearray()
         self._need: tuple[int, int, list[int]] | None = None  # header_len, payload_len, buffer lens
+        self._frame: bytearray | None = None  # a large frame being filled in place
+        self._filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
-        self._buf += data
         out: list[Message] = []
+        if self._frame is not None:
+            data = memoryview(data).cast("B")
+            frame = self._frame
+            n = min(len(data), len(frame) - self._filled)
+            frame[self._filled : self._filled + n] = data[:n]
+            self._filled += n
+            if self._filled < len(frame):
+                return out
+            self._frame, self._filled = None, 0
+            out.append(self._message(frame))
+            data = data[n:]
+            if not data:
+                return out
+        self._buf += data
         buf = self._buf
         pos = 0
         while True:
@@ -171,31 +194,46 @@ class FrameReader:
                 pos += _PREFIX.size + 8 * nbufs
                 self._need = (head_len, total, lens)
             head_len, total, lens = self._need
-            if len(buf) - pos < head_len + total:
+            size = head_len + total
+            have = len(buf) - pos
+            if have < size:
+                # Allocate the whole frame only once its sender has shown it means it: a peer merely
+                # claiming a huge frame must not make us reserve that much memory.
+                if size >= self.LARGE and (size <= self.PREALLOCATE or have * 8 >= size):
+                    frame = bytearray(size)
+                    with memoryview(buf) as view:
+                        frame[:have] = view[pos:]
+                    pos += have
+                    self._frame, self._filled = frame, have
                 break
-            frame = bytes(buf[pos : pos + head_len + total])
-            pos += head_len + total
-            self._need = None
-            try:
-                header = json.loads(frame[:head_len])
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ProtocolError(f"frame header is not JSON: {e}") from None
-            if not isinstance(header, dict) or not isinstance(header.get("t"), str):
-                raise ProtocolError("frame header has no message type")
-            view = memoryview(frame)
-            buffers = []
-            off = head_len
-            for n in lens:
-                buffers.append(view[off : off + n])
-                off += n
-            out.append(Message(header, buffers))
+            with memoryview(buf) as view:
+                frame = bytes(view[pos : pos + size])
+            pos += size
+            out.append(self._message(frame))
         if pos:
             del buf[:pos]
         return out
 
+    def _message(self, frame: bytes | bytearray) -> Message:
+        head_len, _, lens = self._need
+        self._need = None
+        try:
+            header = json.loads(bytes(frame[:head_len]))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"frame header is not JSON: {e}") from None
+        if not isinstance(header, dict) or not isinstance(header.get("t"), str):
+            raise ProtocolError("frame header has no message type")
+        view = memoryview(frame)
+        buffers = []
+        off = head_len
+        for n in lens:
+            buffers.append(view[off : off + n])
+            off += n
+        return Message(header, buffers)
+
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._filled
 
 
 # ---------------------------------------------------------------------------------------------- blobs

@@ -586,8 +586,7 @@ class _TaskRunner:
                     status, bufs, info = self.run(task)
                     self.tasks_run += 1
                     self.phase[0] = _SENDING_RESULT
-                    sock.sendall(b"".join(bytes(p) for p in P.encode(
-                        {"t": "result", "id": task.id, "s": status, "i": info}, bufs)))
+                    _send_all(sock, P.encode({"t": "result", "id": task.id, "s": status, "i": info}, bufs))
                     self.phase[0] = _IDLE
                     del bufs
                     opts = task.opts or {}
@@ -660,6 +659,20 @@ class _TaskRunner:
             self.initialized[blob.hash] = exc
             raise _InitializerFailed(exc) from None
         self.initialized[blob.hash] = None
+
+
+def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
+    """Send a frame's pieces without joining them: a large result is not copied on its way out."""
+    views = [memoryview(p).cast("B") for p in pieces]
+    views = [v for v in views if v.nbytes]
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 class _InitializerFailed(Exception):

@@ -30,6 +30,22 @@ def test_frames_survive_any_split_of_the_stream(piece):
     assert bytes(messages[2].buffers[0]) == b"tail"
 
 
+@pytest.mark.parametrize("piece", [1000, 65536, 3 << 20])
+def test_a_large_frame_between_small_ones_arrives_whole_however_the_stream_is_cut(piece):
+    big = os.urandom(3 << 20)
+    stream = b"".join([
+        P.encode_bytes({"t": "small", "i": 1}, [b"a"]),
+        P.encode_bytes({"t": "big"}, [b"head", big, b"tail"]),
+        P.encode_bytes({"t": "small", "i": 2}),
+    ])
+    reader = P.FrameReader()
+    messages = feed_in_pieces(reader, stream, piece)
+    assert [m.type for m in messages] == ["small", "big", "small"]
+    assert [bytes(b) for b in messages[1].buffers] == [b"head", big, b"tail"]
+    assert messages[2].header["i"] == 2
+    assert reader.buffered == 0
+
+
 def test_oversized_length_prefix_is_rejected_before_reading_the_body():
     reader = P.FrameReader(max_frame=1024)
     prefix = struct.pack("!HI", 1, 10) + struct.pack("!Q", 1 << 40)
@@ -146,3 +162,10 @@ def test_a_task_referring_to_an_unknown_blob_is_a_protocol_error():
 def test_malformed_task_entries_are_protocol_errors(entries, nbufs):
     with pytest.raises(P.ProtocolError):
         P.decode_tasks(entries, [memoryview(b"x")] * nbufs, P.BlobLRU())
+
+
+def test_a_peer_claiming_a_huge_frame_does_not_make_the_reader_reserve_it():
+    reader = P.FrameReader()
+    claim = struct.pack("!HI", 1, 2) + struct.pack("!Q", 3 << 30) + b"{}"
+    reader.feed(claim + b"x" * 100_000)
+    assert reader._frame is None and reader.buffered < 200_000
