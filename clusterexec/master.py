@@ -203,7 +203,9 @@ class Master:
         for conn in list(self._node_conn.values()):
             if isinstance(conn, LinkEnd):
                 continue
-            if now - getattr(conn, "last_heard", now) > self.heartbeat_timeout:
+            # Checked once per interval, so give up one interval early: a silent node is declared dead
+            # within heartbeat_timeout of its last word, never later.
+            if now - getattr(conn, "last_heard", now) > self.heartbeat_timeout - self.heartbeat_interval:
                 conn.fail(TimeoutError("no heartbeat"))
             else:
                 conn.send({"t": "ping"})

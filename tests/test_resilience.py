@@ -317,7 +317,8 @@ def test_frozen_node_is_reported_as_stopped_answering_after_the_default_timeout(
     try:
         log = _wait_for_log(cluster.log_dir / "master.log", "stopped answering", within=10)
         elapsed = time.monotonic() - t0
-        assert 4.0 < elapsed < 9.0, f"default heartbeat timeout is 5 s; noticed after {elapsed:.1f} s"
+        # Within the 5 s default of its last word (plus a margin for this test's polling), and not rashly.
+        assert 2.5 < elapsed < 6.5, f"default heartbeat timeout is 5 s; noticed after {elapsed:.1f} s"
         line = next(line for line in log.splitlines() if "stopped answering" in line)
         assert f"worker node {node_id} " in line and "5 s" in line
         assert cluster.info()["workers"] == []
