@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import errno
 import gc
 import logging
 import mmap
 import os
 import platform
+import select
 import signal
 import socket
 import sys
@@ -164,8 +166,9 @@ class Agent:
         for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
             sock = socket.socket(family, type_, proto)
             sock.setblocking(False)
+            _forget_stale_registration(self._loop, sock.fileno())
             try:
-                await self._loop.sock_connect(sock, addr)
+                await _connect_socket(sock, addr)
             except OSError as e:
                 sock.close()
                 last = e
@@ -522,6 +525,43 @@ class Agent:
             self._schedule_flush()
         if not self.closing:
             self._spawn()
+
+
+def _forget_stale_registration(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Drop whatever the loop's selector still holds for this descriptor number.
+
+    Seen on Python 3.13: after a write to a master that had hung up (EPIPE, when a frozen agent is thawed),
+    the old socket was closed while still registered, and its number, reused by the next socket, then
+    failed every registration (ENOENT from epoll), so the agent never reconnected."""
+    selector = getattr(loop, "_selector", None)
+    if selector is None:
+        return
+    try:
+        selector.unregister(fd)
+    except (KeyError, ValueError):
+        pass
+
+
+async def _connect_socket(sock: socket.socket, addr: Any) -> None:
+    """Connect a non-blocking socket, polling it ourselves rather than through the event loop's selector.
+
+    After the agent was frozen (SIGSTOP) and its old connection torn down, loop.sock_connect() was seen on
+    Python 3.13 never to learn that the new socket had connected; a poll of the socket itself does."""
+    err = sock.connect_ex(addr)
+    if err == 0:
+        return
+    if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+        raise OSError(err, os.strerror(err))
+    delay = 0.001
+    while True:
+        _, writable, _ = select.select([], [sock], [], 0)
+        if writable:
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _no_op(conn: FramedConnection) -> None:
