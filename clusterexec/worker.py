@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import errno
 import gc
 import logging
 import mmap
 import os
 import platform
-import select
 import signal
 import socket
 import sys
@@ -168,7 +166,7 @@ class Agent:
             sock.setblocking(False)
             _forget_stale_registration(self._loop, sock.fileno())
             try:
-                await _connect_socket(sock, addr)
+                await self._loop.sock_connect(sock, addr)
             except OSError as e:
                 sock.close()
                 last = e
@@ -540,28 +538,6 @@ def _forget_stale_registration(loop: asyncio.AbstractEventLoop, fd: int) -> None
         selector.unregister(fd)
     except (KeyError, ValueError):
         pass
-
-
-async def _connect_socket(sock: socket.socket, addr: Any) -> None:
-    """Connect a non-blocking socket, polling it ourselves rather than through the event loop's selector.
-
-    After the agent was frozen (SIGSTOP) and its old connection torn down, loop.sock_connect() was seen on
-    Python 3.13 never to learn that the new socket had connected; a poll of the socket itself does."""
-    err = sock.connect_ex(addr)
-    if err == 0:
-        return
-    if err not in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-        raise OSError(err, os.strerror(err))
-    delay = 0.001
-    while True:
-        _, writable, _ = select.select([], [sock], [], 0)
-        if writable:
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def _no_op(conn: FramedConnection) -> None:
