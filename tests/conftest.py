@@ -193,3 +193,28 @@ def is_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def recv_exact(sock, n: int) -> bytes:
+    """Exactly n bytes from a raw socket (for tests that speak the protocol by hand)."""
+    buf = b""
+    while len(buf) < n:
+        part = sock.recv(n - len(buf))
+        if not part:
+            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+        buf += part
+    return buf
+
+
+def read_frame(sock):
+    """The next whole frame from a raw socket, as a protocol Message."""
+    from clusterexec import protocol as P
+
+    reader = P.FrameReader()
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed before a whole frame arrived")
+        msgs = reader.feed(data)
+        if msgs:
+            return msgs[0]

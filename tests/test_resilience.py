@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Cluster, _env, agent_children, is_gone, wait_until
+from conftest import Cluster, _env, agent_children, is_gone, read_frame, recv_exact, wait_until
 
 from clusterexec import (
     ClusterExecutor,
@@ -781,27 +781,6 @@ def test_invalid_task_options_raise_value_error(cluster, kwargs):
 # ======================================================================================== 6. a hostile master
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += part
-    return buf
-
-
-def _read_frame(sock: socket.socket) -> P.Message:
-    reader = P.FrameReader()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed before a whole frame arrived")
-        msgs = reader.feed(data)
-        if msgs:
-            return msgs[0]
-
-
 def _random_non_frame() -> bytes:
     """Random bytes a FrameReader rejects at once (checked here, so the case is deterministic)."""
     rng = random.Random(1234)
@@ -860,10 +839,10 @@ class FakeMaster:
                 try:
                     challenge = P.new_challenge()
                     conn.sendall(P.server_hello(challenge))
-                    verdict = P.server_check(self.key, challenge, _recv_exact(conn, P.CLIENT_PROOF.size))
+                    verdict = P.server_check(self.key, challenge, recv_exact(conn, P.CLIENT_PROOF.size))
                     assert verdict.startswith(P.VERDICT_OK)
                     conn.sendall(verdict)
-                    hello = _read_frame(conn)
+                    hello = read_frame(conn)
                     self.hellos.append(hello.header)
                     (self.first if self.connections == 1 else self.later)(conn)
                     if _closed_by_peer(conn):
@@ -1010,8 +989,8 @@ class _Unresponsive:
         with conn:
             challenge = P.new_challenge()
             conn.sendall(P.server_hello(challenge))
-            conn.sendall(P.server_check(self.key, challenge, _recv_exact(conn, P.CLIENT_PROOF.size)))
-            _read_frame(conn)
+            conn.sendall(P.server_check(self.key, challenge, recv_exact(conn, P.CLIENT_PROOF.size)))
+            read_frame(conn)
             conn.sendall(P.encode_bytes({"t": "welcome", "id": 1}))
             time.sleep(0.3)
             self._go_unresponsive()

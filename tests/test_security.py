@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import read_frame, recv_exact
 
 import clusterexec
 from clusterexec import AuthenticationError, ClusterExecutor, ClusterUnavailable, ProtocolError, VersionMismatch
@@ -44,16 +45,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        part = sock.recv(n - len(buf))
-        if not part:
-            raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
-        buf += part
-    return buf
-
-
 def _raw(cluster) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", cluster.port), timeout=5)
     return sock
@@ -65,21 +56,10 @@ def _peer_name(sock: socket.socket) -> str:
 
 
 def _authenticate(sock: socket.socket, key: bytes) -> None:
-    hello = _recv_exact(sock, P.SERVER_HELLO.size)
+    hello = recv_exact(sock, P.SERVER_HELLO.size)
     mine = P.new_challenge()
     sock.sendall(P.client_proof(key, hello, mine))
-    P.client_check(key, mine, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
-
-
-def _read_frame(sock: socket.socket) -> P.Message:
-    reader = P.FrameReader()
-    while True:
-        data = sock.recv(65536)
-        if not data:
-            raise ConnectionError("closed before a whole frame arrived")
-        msgs = reader.feed(data)
-        if msgs:
-            return msgs[0]
+    P.client_check(key, mine, recv_exact(sock, P.SERVER_VERDICT_SIZE))
 
 
 def _assert_closed_by_master(sock: socket.socket, within: float = 5.0) -> None:
@@ -285,7 +265,7 @@ def test_client_refuses_a_server_that_cannot_prove_it_knows_the_key():
     """Mutual authentication: an impostor that says "OK" without knowing the key is not trusted."""
     def impostor(conn):
         conn.sendall(P.server_hello(P.new_challenge()))
-        _recv_exact(conn, P.CLIENT_PROOF.size)
+        recv_exact(conn, P.CLIENT_PROOF.size)
         conn.sendall(P.VERDICT_OK + os.urandom(P.DIGEST_SIZE))
         time.sleep(0.5)
 
@@ -387,7 +367,7 @@ def test_missing_key_file_makes_the_worker_exit_with_a_clear_message(cluster, tm
 
 
 def _pre_auth_random_bytes(sock, key):
-    _recv_exact(sock, P.SERVER_HELLO.size)
+    recv_exact(sock, P.SERVER_HELLO.size)
     sock.sendall(os.urandom(P.CLIENT_PROOF.size + 100))
 
 
@@ -396,14 +376,14 @@ def _pre_auth_random_bytes_without_reading_the_hello(sock, key):
 
 
 def _truncated_handshake_then_close(sock, key):
-    hello = _recv_exact(sock, P.SERVER_HELLO.size)
+    hello = recv_exact(sock, P.SERVER_HELLO.size)
     proof = P.client_proof(key, hello, P.new_challenge())
     sock.sendall(proof[:20])
     sock.shutdown(socket.SHUT_WR)
 
 
 def _valid_frame_before_authentication(sock, key):
-    _recv_exact(sock, P.SERVER_HELLO.size)
+    recv_exact(sock, P.SERVER_HELLO.size)
     sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "x" * 100}))
 
 
@@ -448,7 +428,7 @@ def _worker_hello_with_bad_nprocs(sock, key):
 def _as_client(sock, key):
     _authenticate(sock, key)
     sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "raw-test"}))
-    assert _read_frame(sock).type == "welcome"
+    assert read_frame(sock).type == "welcome"
 
 
 _AFTER_HELLO = {}
@@ -567,13 +547,13 @@ def test_version_mismatch_in_the_handshake_is_rejected(cluster):
     sock = _raw(cluster)
     try:
         peer = _peer_name(sock)
-        hello = _recv_exact(sock, P.SERVER_HELLO.size)
+        hello = recv_exact(sock, P.SERVER_HELLO.size)
         magic, version, challenge = P.SERVER_HELLO.unpack(hello)
         assert (magic, version) == (P.MAGIC, P.PROTOCOL_VERSION)
         mine = P.new_challenge()
         digest = P.CLIENT_PROOF.unpack(P.client_proof(key, hello, mine))[2]
         sock.sendall(P.CLIENT_PROOF.pack(P.MAGIC, P.PROTOCOL_VERSION + 1, digest, mine))
-        verdict = _recv_exact(sock, P.SERVER_VERDICT_SIZE)
+        verdict = recv_exact(sock, P.SERVER_VERDICT_SIZE)
         with pytest.raises(VersionMismatch):
             P.client_check(key, mine, verdict)
         _assert_closed_by_master(sock)
@@ -587,10 +567,10 @@ def test_proof_made_with_a_guessed_key_is_rejected(cluster):
     """Knowing the protocol is not enough: a proof made with another key is refused."""
     sock = _raw(cluster)
     try:
-        hello = _recv_exact(sock, P.SERVER_HELLO.size)
+        hello = recv_exact(sock, P.SERVER_HELLO.size)
         mine = P.new_challenge()
         sock.sendall(P.client_proof(b"guessed-key", hello, mine))
-        verdict = _recv_exact(sock, P.SERVER_VERDICT_SIZE)
+        verdict = recv_exact(sock, P.SERVER_VERDICT_SIZE)
         with pytest.raises(AuthenticationError, match="rejected our authentication key"):
             P.client_check(b"guessed-key", mine, verdict)
         assert verdict[2:] == bytes(P.DIGEST_SIZE), "a rejection must not carry a key-derived digest"
@@ -606,13 +586,13 @@ def test_replayed_proof_from_another_connection_is_rejected(cluster):
     first = _raw(cluster)
     second = _raw(cluster)
     try:
-        hello1 = _recv_exact(first, P.SERVER_HELLO.size)
-        hello2 = _recv_exact(second, P.SERVER_HELLO.size)
+        hello1 = recv_exact(first, P.SERVER_HELLO.size)
+        hello2 = recv_exact(second, P.SERVER_HELLO.size)
         assert hello1 != hello2
         mine = P.new_challenge()
         proof = P.client_proof(key, hello1, mine)
         second.sendall(proof)
-        verdict = _recv_exact(second, P.SERVER_VERDICT_SIZE)
+        verdict = recv_exact(second, P.SERVER_VERDICT_SIZE)
         with pytest.raises(AuthenticationError):
             P.client_check(key, mine, verdict)
         _assert_closed_by_master(second)
@@ -629,7 +609,7 @@ def test_connection_that_never_authenticates_is_closed_after_the_handshake_timeo
     sock = _raw(cluster)
     try:
         peer = _peer_name(sock)
-        _recv_exact(sock, P.SERVER_HELLO.size)
+        recv_exact(sock, P.SERVER_HELLO.size)
         t0 = time.monotonic()
         _assert_closed_by_master(sock, within=HANDSHAKE_TIMEOUT + 5)
         assert HANDSHAKE_TIMEOUT - 1 < time.monotonic() - t0 < HANDSHAKE_TIMEOUT + 5
