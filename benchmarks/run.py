@@ -41,6 +41,10 @@ sure both worker processes are up, except for `startup`, which times exactly tha
     bytes64    submit(identity, x).result() with x = 64 MiB bytes, 5 round trips after 1 warm-up
     numpy64    the same with a 64 MiB float64 NumPy array
                MiB/s, counting 64 MiB per round trip although the payload travels both ways (higher is better)
+    closure50  list(ex.map(fn, range(200), chunksize=1)) where fn carries 50 MiB of captured state (a
+               functools.partial over a bytes object, so that plain pickle can carry it to PPE too); PPE
+               pickles fn again for every task, clusterexec ships it once per hop and unpickles it once per
+               task process (see tests/test_shipping.py)                    seconds  (lower is better)
     startup    from before constructing the executor to the first result of submit(noop)   seconds (lower is better)
                For `cli` only the client's connect + first task is timed: master and worker are already up.
     rss        [slow, only with --all or --only rss] growth of the client's peak RSS while iterating over
@@ -242,6 +246,21 @@ def wl_numpy64(b: Backend, p: dict) -> dict:
     return _payload_roundtrips(b, p, payload, lambda x, y: x.dtype == y.dtype and np.array_equal(x, y))
 
 
+def wl_closure50(b: Backend, p: dict) -> dict:
+    n = p["n"]
+    payload = bytes(range(256)) * ((p["mib"] << 20) // 256)
+    fn = W.with_payload(payload)
+    with b.session() as ex:
+        warm_up(ex)
+        t0 = time.perf_counter()
+        out = list(ex.map(fn, range(n), chunksize=1))
+        dt = time.perf_counter() - t0
+    if out != [i + len(payload) for i in range(n)]:
+        raise RuntimeError("closure50: map returned wrong results")
+    return {"value": dt, "n": n, "mib": p["mib"], "tasks_per_second": n / dt,
+            "mib_if_shipped_per_task": p["mib"] * n}
+
+
 def wl_startup(b: Backend, p: dict) -> dict:
     t0 = time.perf_counter()
     ex = b.open()
@@ -321,6 +340,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
              {"mib": 64, "rounds": 5, "warmup": 1}, {"mib": 64, "rounds": 2, "warmup": 1}),
     Workload("numpy64", "numpy 64 MiB", "MiB/s", "higher", wl_numpy64,
              {"mib": 64, "rounds": 5, "warmup": 1}, {"mib": 64, "rounds": 2, "warmup": 1}),
+    Workload("closure50", "map fn with 50 MiB state", "s", "lower", wl_closure50,
+             {"n": 200, "mib": 50}, {"n": 40, "mib": 50}),
     Workload("startup", "startup", "s", "lower", wl_startup, {}, {}),
     Workload("rss", "rss map 300k", "MiB", "lower", _rss_map,
              {"n": 300_000, "buffersize": None}, {"n": 30_000, "buffersize": None}, slow=True),

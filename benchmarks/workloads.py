@@ -7,6 +7,7 @@ measurement child, the master and worker node of the command-line cluster, PPE/l
 
 from __future__ import annotations
 
+import functools
 import random
 
 # A per-process generator, bound here once. `random` reseeds its hidden instance in a forked child
@@ -48,6 +49,16 @@ def factor(n: int) -> list[int]:
     if n > 1:
         factors.append(n)
     return factors
+
+
+def _payload_task(payload: bytes, x: int) -> int:
+    return x + len(payload)
+
+
+def with_payload(payload: bytes):
+    """A function that carries `payload` with it, as a closure capturing it would; unlike a closure, plain
+    pickle can carry it, so ProcessPoolExecutor can run it too (and pickles it again for every task)."""
+    return functools.partial(_payload_task, payload)
 
 
 def apply_chunk(fn, chunk):
