@@ -17,7 +17,7 @@ queue (unless it had not started), up to its retry budget; then its client gets 
 from __future__ import annotations
 
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ class ClientState:
     out_results: list[tuple[int, str, list[Any], Any]] = field(default_factory=list)
     out_cancel_replies: list[dict[str, Any]] = field(default_factory=list)
     tasks_done: int = 0
+    compat: str = ""  # Python and cloudpickle versions: it only gets nodes with the same
 
 
 @dataclass(eq=False)
@@ -72,6 +73,7 @@ class NodeState:
     out_kill: list[int] = field(default_factory=list)
     tasks_done: int = 0
     tasks_failed: int = 0
+    compat: str = ""  # Python and cloudpickle versions: it only runs tasks of clients with the same
 
     @property
     def free(self) -> int:
@@ -95,7 +97,11 @@ class Scheduler:
         self.nodes: dict[int, NodeState] = {}
         self.dirty_clients: set[ClientState] = set()
         self.dirty_nodes: set[NodeState] = set()
-        self._ring: deque[ClientState] = deque()  # clients with queued tasks, served round-robin
+        # Clients with queued tasks, served round-robin; one ring per version group (see `compat`).
+        self._rings: dict[str, deque[ClientState]] = {}
+        # Nodes that may have a free slot, per version group, oldest first: `schedule` visits only these, so
+        # its cost follows the tasks it hands out, not the number of nodes connected.
+        self._free: dict[str, OrderedDict[NodeState, None]] = {}
         self._gids = itertools.count(1)
         self._by_gid: dict[int, TaskState] = {}
         self._cancels: dict[int, _CancelRequest] = {}
@@ -103,8 +109,8 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ peers
 
-    def add_client(self, client_id: int, info: dict[str, Any] | None = None) -> ClientState:
-        client = ClientState(client_id, info or {})
+    def add_client(self, client_id: int, info: dict[str, Any] | None = None, compat: str = "") -> ClientState:
+        client = ClientState(client_id, info or {}, compat=compat)
         self.clients[client_id] = client
         return client
 
@@ -122,19 +128,31 @@ class Scheduler:
                 node.assigned.pop(ts.gid, None)
                 node.out_drop.append(ts.gid)
                 self.dirty_nodes.add(node)
+                self._has_room(node)
         client.tasks.clear()
         client.queue.clear()
-        if client in self._ring:
-            self._ring.remove(client)
+        ring = self._rings.get(client.compat)
+        if ring is not None and client in ring:
+            ring.remove(client)
         for key, request in list(self._cancels.items()):
             if request.client is client:
                 del self._cancels[key]
 
-    def add_node(self, node_id: int, nprocs: int, info: dict[str, Any] | None = None) -> NodeState:
+    def add_node(self, node_id: int, nprocs: int, info: dict[str, Any] | None = None, compat: str = ""
+                 ) -> NodeState:
         prefetch = nprocs if self.prefetch is None else self.prefetch
-        node = NodeState(node_id, nprocs, max(1, nprocs + prefetch), info or {})
+        node = NodeState(node_id, nprocs, max(1, nprocs + prefetch), info or {}, compat=compat)
         self.nodes[node_id] = node
+        self._has_room(node)
         return node
+
+    def _has_room(self, node: NodeState) -> None:
+        """A slot of `node` may have come free: let `schedule` look at it."""
+        if node.free > 0 and self.nodes.get(node.id) is node:
+            free = self._free.get(node.compat)
+            if free is None:
+                free = self._free[node.compat] = OrderedDict()
+            free[node] = None
 
     def remove_node(self, node_id: int, reason: dict[str, Any] | None = None) -> None:
         """A node left or died: its unstarted tasks go back to the queue, its started ones count an attempt."""
@@ -142,6 +160,7 @@ class Scheduler:
         if node is None:
             return
         self.dirty_nodes.discard(node)
+        self._free.get(node.compat, {}).pop(node, None)
         waiting = [k for k, r in self._cancels.items() if node_id in r.waiting]
         for ts in list(node.assigned.values()):
             if ts.cancel_key is not None and ts.cancel_key in self._cancels:
@@ -171,6 +190,19 @@ class Scheduler:
                 self._requeue_front(ts)
         node.assigned.clear()
 
+    def node_leaving(self, node_id: int, gids: list[int]) -> list[TaskState]:
+        """A node is shutting down: it takes no new tasks, and the ones it hands back go to the front of
+        their queues without counting as a failed attempt. Returns those tasks."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return []
+        node.capacity = 0
+        back = [ts for ts in (node.assigned.pop(gid, None) for gid in gids) if ts is not None]
+        for ts in reversed(back):
+            ts.node = None
+            self._requeue_front(ts)
+        return back
+
     # ------------------------------------------------------------------------------------------ tasks
 
     def submit(self, client_id: int, tasks: list[Task]) -> None:
@@ -185,14 +217,20 @@ class Scheduler:
             client.queue.append(ts)
         if was_empty and client.queue:
             # A client with nothing queued gets the very next turn: it has not had one in this round.
-            self._ring.appendleft(client)
+            self._ring_of(client).appendleft(client)
 
     def _requeue_front(self, ts: TaskState) -> None:
         client = ts.client
         ts.started = False
         if not client.queue:
-            self._ring.appendleft(client)
+            self._ring_of(client).appendleft(client)
         client.queue.appendleft(ts)
+
+    def _ring_of(self, client: ClientState) -> deque[ClientState]:
+        ring = self._rings.get(client.compat)
+        if ring is None:
+            ring = self._rings[client.compat] = deque()
+        return ring
 
     def _attempt_failed(self, ts: TaskState, info: dict[str, Any]) -> None:
         # A suspect that now fails again after a confirmed start probably killed that earlier node too.
@@ -214,29 +252,33 @@ class Scheduler:
         self.dirty_clients.add(client)
 
     def schedule(self) -> None:
-        """Hand queued tasks to nodes with free slots, one task per client in turn."""
-        if not self._ring:
-            return
-        ring = self._ring
-        for node in self.nodes.values():
-            free = node.free
-            while free > 0 and ring:
-                client = ring[0]
-                ts = self._pop_queued(client)
-                if ts is None:
-                    ring.popleft()
-                    continue
-                ring.rotate(-1)
-                if not client.queue:
-                    ring.remove(client)
-                ts.node = node
-                node.assigned[ts.gid] = ts
-                node.out_tasks.append(ts)
-                free -= 1
-            if node.out_tasks:
-                self.dirty_nodes.add(node)
-            if not ring:
-                break
+        """Hand queued tasks to nodes with free slots, one task per client in turn, each client's tasks only
+        to nodes whose Python and cloudpickle can run its pickles."""
+        for compat, ring in self._rings.items():
+            nodes = self._free.get(compat)
+            while ring and nodes:
+                node = next(iter(nodes))
+                self._fill(node, ring)
+                if node.free <= 0:
+                    del nodes[node]
+
+    def _fill(self, node: NodeState, ring: deque[ClientState]) -> None:
+        free = node.free
+        while free > 0 and ring:
+            client = ring[0]
+            ts = self._pop_queued(client)
+            if ts is None:
+                ring.popleft()
+                continue
+            ring.rotate(-1)
+            if not client.queue:
+                ring.remove(client)
+            ts.node = node
+            node.assigned[ts.gid] = ts
+            node.out_tasks.append(ts)
+            free -= 1
+        if node.out_tasks:
+            self.dirty_nodes.add(node)
 
     @staticmethod
     def _pop_queued(client: ClientState) -> TaskState | None:
@@ -267,6 +309,7 @@ class Scheduler:
         if ts is None:
             return  # dropped, cancelled, or a duplicate: delivery stays exactly-once
         ts.node = None
+        self._has_room(node)
         if status == "lost":
             node.tasks_failed += 1
             self._attempt_failed(ts, dict(info or {}, host=node.info.get("host")))
@@ -324,6 +367,7 @@ class Scheduler:
         for gid in cancelled:
             ts = node.assigned.pop(gid, None)
             if ts is not None:
+                self._has_room(node)
                 ts.node = None
                 ts.cancelled = True
                 self._forget(ts)
@@ -350,6 +394,26 @@ class Scheduler:
             self.dirty_clients.add(request.client)
 
     # ------------------------------------------------------------------------------------------ status
+
+    def task(self, gid: int) -> TaskState | None:
+        return self._by_gid.get(gid)
+
+    def fail_queued(self, client_id: int, info: dict[str, Any]) -> int:
+        """Fail every task of this client still waiting in the queue (no node can run it); returns how many."""
+        client = self.clients.get(client_id)
+        if client is None:
+            return 0
+        failed = 0
+        while client.queue:
+            ts = self._pop_queued(client)
+            if ts is None:
+                break
+            self._finish(ts, "error", [], dict(info))
+            failed += 1
+        ring = self._rings.get(client.compat)
+        if ring is not None and client in ring:
+            ring.remove(client)
+        return failed
 
     def queued(self) -> int:
         return sum(len(c.queue) for c in self.clients.values())
