@@ -8,11 +8,13 @@
 __version__ = "0.1.0"
 
 from .address import DEFAULT_PORT  # noqa: E402
-from .auth import MissingKeyError  # noqa: E402
+from .auth import MissingKeyError, TLSConfigError  # noqa: E402
 from .errors import (  # noqa: E402
     AuthenticationError,
     ClusterError,
     ClusterUnavailable,
+    ClusterWarning,
+    IncompatibleWorkers,
     InitializerError,
     ProtocolError,
     RemoteError,
@@ -30,6 +32,8 @@ __all__ = [
     "ClusterError",
     "ClusterExecutor",
     "ClusterUnavailable",
+    "ClusterWarning",
+    "IncompatibleWorkers",
     "InitializerError",
     "MissingKeyError",
     "ProtocolError",
@@ -37,6 +41,7 @@ __all__ = [
     "SerializationError",
     "TaskKilled",
     "TaskTimeout",
+    "TLSConfigError",
     "VersionMismatch",
     "WorkerLostError",
     "__version__",

@@ -10,13 +10,18 @@ Order of precedence, the same for master, worker and client:
 Only the master creates the default key file (owner-only permissions) when no key exists anywhere; on a
 cluster with a shared home directory every worker and client then finds it without configuration.
 The key itself is never printed or logged.
+
+TLS (optional, on top of the key): `tls_context` builds the SSL context of either end from a certificate, its
+key and the cluster's CA; `tls_failure` turns a failed handshake into a sentence saying whose fault it is.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import secrets
+import ssl
 import stat
 from pathlib import Path
 
@@ -91,3 +96,117 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
         "no authentication key: pass authkey=... (or --authkey-file FILE), set "
         f"{ENV_KEY}, or copy the master's key file to {path} (the master creates it when it first starts)"
     )
+
+
+# ---------------------------------------------------------------------------------------------- TLS
+
+
+class TLSConfigError(ValueError):
+    """The TLS options are incomplete or name files that cannot be used (exported as `clusterexec.TLSConfigError`)."""
+
+
+_TLS_ARGS = (("cert", "tls_cert / --tls-cert"), ("key", "tls_key / --tls-key"), ("ca", "tls_ca / --tls-ca"))
+
+
+def tls_context(server: bool, cert: str | os.PathLike | None, key: str | os.PathLike | None,
+                ca: str | os.PathLike | None) -> ssl.SSLContext:
+    """A TLS context for one end of a clusterexec connection: TLS 1.2 or newer, mutual authentication.
+
+    `cert` and `key` are this machine's certificate and private key (PEM, the key unencrypted); `ca` is the
+    certificate of the cluster's own CA (a PEM file, or a directory prepared with `openssl rehash`). Each side
+    requires the other to present a certificate signed by that CA and nothing else: the system's public CAs are
+    never trusted. Host names are not checked (nodes are often reached by IP address or short name), so every
+    certificate the cluster CA signs is a member of the cluster; the shared key is still required on top.
+
+    >>> ctx = tls_context(server=False, cert="me.pem", key="me.key", ca="ca.pem")  # doctest: +SKIP
+    """
+    given = {"cert": cert, "key": key, "ca": ca}
+    missing = [flag for name, flag in _TLS_ARGS if not given[name]]
+    if missing:
+        raise TLSConfigError(
+            f"TLS needs a certificate, its private key and the cluster's CA certificate together; missing: "
+            f"{', '.join(missing)}")
+    paths = {name: Path(value).expanduser() for name, value in given.items()}
+    for name, flag in _TLS_ARGS:
+        path = paths[name]
+        if not (path.is_file() or (name == "ca" and path.is_dir())):
+            raise TLSConfigError(f"{flag}: {path} does not exist or is not a file")
+        if not os.access(path, os.R_OK):
+            raise TLSConfigError(f"{flag}: {path} is not readable by this user")
+    if paths["key"].stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("TLS private key %s is readable by other users; run: chmod 600 %s", paths["key"], paths["key"])
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2  # OpenSSL picks 1.3 whenever both ends have it
+    ctx.options |= ssl.OP_NO_RENEGOTIATION  # a non-blocking client cannot serve renegotiation mid-stream
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if not server:
+        ctx.check_hostname = False  # the peer is verified against the cluster CA only (see the docstring)
+    else:
+        ctx.num_tickets = 0  # nobody resumes sessions: do not send tickets
+    try:
+        if paths["ca"].is_dir():
+            ctx.load_verify_locations(capath=str(paths["ca"]))
+        else:
+            ctx.load_verify_locations(cafile=str(paths["ca"]))
+    except (ssl.SSLError, ValueError) as e:
+        raise TLSConfigError(f"tls_ca / --tls-ca: {paths['ca']} holds no usable CA certificate (PEM): {e}") from None
+    if not paths["ca"].is_dir() and not ctx.get_ca_certs():
+        raise TLSConfigError(f"tls_ca / --tls-ca: {paths['ca']} holds no CA certificate")
+
+    def no_password() -> bytes:
+        raise TLSConfigError(f"tls_key / --tls-key: {paths['key']} is encrypted; clusterexec needs an unencrypted "
+                             "key (keep it readable by you only: chmod 600)")
+
+    try:
+        ctx.load_cert_chain(str(paths["cert"]), str(paths["key"]), password=no_password)
+    except ssl.SSLError as e:
+        raise TLSConfigError(
+            f"cannot use the TLS certificate {paths['cert']} with the key {paths['key']}: {e.reason or e} "
+            "(both must be PEM files, and the key must be the certificate's)") from None
+    return ctx
+
+
+# OpenSSL reasons that say the peer refused our certificate (it arrives as an alert from the peer).
+_PEER_REFUSED = {"TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+                 "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+                 "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "TLSV1_ALERT_ACCESS_DENIED",
+                 "TLSV1_ALERT_DECRYPT_ERROR"}
+# ...and reasons that say the peer does not speak TLS at all (it sent something else first).
+_NOT_TLS = {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL",
+            "HTTP_REQUEST", "WRONG_SSL_VERSION", "UNEXPECTED_RECORD", "RECORD_LENGTH_MISMATCH"}
+
+
+def tls_failure(error: ssl.SSLError, peer: str) -> tuple[str, bool]:
+    """Explain a failed TLS handshake with `peer` ("the master at HOST:PORT"): a message, and whether the
+    failure is final (a certificate or configuration problem that retrying cannot fix)."""
+    reason = getattr(error, "reason", None) or ""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"TLS handshake with {peer} failed: its certificate is not trusted "
+                f"({error.verify_message}); it must be signed by the CA given as tls_ca / --tls-ca"), True
+    if reason in _PEER_REFUSED:
+        return (f"TLS handshake with {peer} failed: it refused our certificate ({reason}); ours must be signed "
+                "by the CA it trusts (its --tls-ca)"), True
+    if reason in _NOT_TLS:
+        return (f"TLS handshake with {peer} failed: it does not speak TLS ({reason}); start it with --tls-cert, "
+                "--tls-key and --tls-ca, or connect without TLS"), True
+    if isinstance(error, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError):
+        return f"{peer} closed the connection during the TLS handshake ({error})", False
+    if "ALERT" in reason or "VERSION" in reason or "PROTOCOL" in reason or "CIPHER" in reason:
+        return f"TLS handshake with {peer} failed: {reason}", True
+    return f"TLS handshake with {peer} failed: {error}", False
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, whose: str) -> None:
+    """--tls-cert, --tls-key, --tls-ca, the same for every command line."""
+    parser.add_argument("--tls-cert", metavar="PEM", help=f"{whose} TLS certificate, signed by the cluster's CA; "
+                                                          "with --tls-key and --tls-ca, every connection uses TLS")
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert (unencrypted, chmod 600)")
+    parser.add_argument("--tls-ca", metavar="PEM", help="the cluster CA's certificate: peers must present a "
+                                                        "certificate it signed")
+
+
+def tls_from_arguments(args: argparse.Namespace, *, server: bool) -> ssl.SSLContext | None:
+    """The context for parsed --tls-* arguments, or None when none was given."""
+    if not (args.tls_cert or args.tls_key or args.tls_ca):
+        return None
+    return tls_context(server, args.tls_cert, args.tls_key, args.tls_ca)

@@ -18,8 +18,11 @@ import os
 import platform
 import selectors
 import socket
+import ssl
+import sys
 import threading
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
@@ -30,9 +33,12 @@ import cloudpickle
 from . import __version__
 from . import protocol as P
 from . import serialization as S
+from .auth import tls_failure
 from .errors import (
     ClusterError,
     ClusterUnavailable,
+    ClusterWarning,
+    IncompatibleWorkers,
     InitializerError,
     RemoteError,
     SerializationError,
@@ -45,6 +51,9 @@ log = logging.getLogger("clusterexec.client")
 
 UNSENT, SENT, CANCELLED_HERE, DONE = range(4)
 _MAX_IOV = 512
+_TLS_RECV = 1 << 16  # more than a TLS record (16 KiB); small enough to stay a cheap allocation
+_TLS_RECV_BUDGET = 4 << 20
+_TLS_JOIN = 1 << 16  # small pieces are joined up to this size before encryption
 
 
 class PartialChunk:
@@ -114,8 +123,10 @@ class ClientConnection:
     """One authenticated connection to a master, its IO thread, and the Futures in flight on it."""
 
     def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0,
-                 reconnect_window: float = 0.0):
+                 reconnect_window: float = 0.0, ssl_context: Any = None, compat_wait: float = 60.0):
         self.address = address
+        self.ssl_context = ssl_context
+        self.compat_wait = compat_wait
         self.key = key
         self.name = name
         self.connect_timeout = connect_timeout
@@ -130,6 +141,7 @@ class ClientConnection:
         self._status_waiters: deque[tuple[threading.Event, list[dict[str, Any]]]] = deque()
         self._status_out = 0
         self._pending: dict[int, _Record] = {}
+        self._output = TaskOutput()
         self._ids = itertools.count(1)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -139,6 +151,7 @@ class ClientConnection:
         self._close_when_idle = False
         self._on_idle_close: list[Any] = []
         self.broken: BaseException | None = None
+        self.master_shutdown: str | None = None  # the reason the master gave when it said it was stopping
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
         self._thread.start()
@@ -154,6 +167,9 @@ class ClientConnection:
                 "Is `python -m clusterexec.master` running there, and is the port right?") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ssl_context is not None:  # TLS first; the key handshake below then runs inside it
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+                sock.do_handshake()
             my_challenge = P.new_challenge()
             key = self.key
             sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
@@ -161,7 +177,8 @@ class ClientConnection:
             sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": self.name,
                                          "host": socket.gethostname(), "pid": os.getpid(),
                                          "python": platform.python_version(),
-                                         "cloudpickle": cloudpickle.__version__, "version": __version__}))
+                                         "cloudpickle": cloudpickle.__version__, "version": __version__,
+                                         "compat_wait": self.compat_wait}))
             reader = P.FrameReader()
             welcome = None
             while welcome is None:
@@ -171,14 +188,22 @@ class ClientConnection:
                 msgs = reader.feed(data)
                 if msgs:
                     welcome = msgs[0].header
+                    early = msgs[1:]  # what the master said right after (a notice, say): handled by _serve
             if welcome.get("t") != "welcome":
                 raise P.ProtocolError(f"expected a welcome from the master, got {welcome.get('t')!r}")
+            welcome["_early"] = early
         except TimeoutError:
             sock.close()
             raise ClusterUnavailable(f"the master at {host}:{port} did not answer within {timeout} s") from None
         except (P.AuthenticationError, P.VersionMismatch, P.ProtocolError):
             sock.close()
             raise
+        except ssl.SSLError as e:  # (the master may refuse our certificate after our side of TLS is done)
+            sock.close()
+            message, final = tls_failure(e, f"the master at {host}:{port}")
+            if final:
+                raise P.AuthenticationError(message) from None
+            raise ClusterUnavailable(message) from None
         except OSError as e:  # it hung up or reset the connection during the handshake
             sock.close()
             raise ClusterUnavailable(f"the master at {host}:{port} dropped the connection: {e}") from None
@@ -194,6 +219,7 @@ class ClientConnection:
         self._sock = sock
         self._reader = reader
         self.client_id = welcome["id"]
+        self._early: list[P.Message] = welcome.pop("_early", [])
         self.procs = int(welcome.get("procs") or 0)
         beat = welcome.get("heartbeat")
         self._heartbeat = (float(beat[0]), float(beat[1])) if beat else None
@@ -201,6 +227,8 @@ class ClientConnection:
         reader.max_frame = max(reader.max_frame, self.max_frame)
         self._last_heard = time.monotonic()
         self._sent_blobs = P.BlobLRU()  # the other side's cache is new too
+        self._tls_retry = False  # OpenSSL wants the head of _wbuf again, unchanged
+        self._tls_read_wants_write = False  # a TLS read must first send (a key update): wait until writable
         self._wbuf: deque[memoryview] = deque()
 
     # ------------------------------------------------------------------------------------------ callers
@@ -332,6 +360,8 @@ class ClientConnection:
                 fatal = isinstance(e, P.AuthenticationError | P.VersionMismatch)
                 if fatal or self._stopping or self.reconnect_window <= 0:
                     error = e
+                    if self.master_shutdown and not fatal:
+                        error = ConnectionError(f"the master shut down ({self.master_shutdown})")
                     break
                 try:
                     back = self._reconnect(e)
@@ -339,7 +369,8 @@ class ClientConnection:
                     error = e2
                     break
                 if not back:
-                    error = ConnectionError(f"{e}; it did not come back within {self.reconnect_window:g} s")
+                    why = f"the master shut down ({self.master_shutdown})" if self.master_shutdown else str(e)
+                    error = ConnectionError(f"{why}; it did not come back within {self.reconnect_window:g} s")
                     break
             except BaseException as e:  # a bug here must not leave Futures hanging
                 log.exception("clusterexec client thread failed")
@@ -355,9 +386,15 @@ class ClientConnection:
         sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._wbuf else 0), "sock")
         writing = bool(self._wbuf)
         beat = self._heartbeat
+        if self._early:
+            early, self._early = self._early, []
+            self._handle(early)
         try:
             while True:
-                events = sel.select(beat[0] if beat else None)
+                # Bytes TLS has already decrypted wait inside the SSL object, where no selector sees them.
+                tls_pending = self.ssl_context is not None and sock.pending() > 0
+                events = sel.select(0 if tls_pending else beat[0] if beat else None)
+                readable = tls_pending
                 for key, mask in events:
                     if key.data == "wake":
                         try:
@@ -365,16 +402,10 @@ class ClientConnection:
                         except BlockingIOError:
                             pass
                         self._take_outbox()
-                    elif mask & selectors.EVENT_READ:
-                        try:
-                            data = sock.recv(1 << 20)
-                        except (BlockingIOError, InterruptedError):
-                            data = None
-                        if data == b"":
-                            raise ConnectionError("the master closed the connection")
-                        if data:
-                            self._last_heard = time.monotonic()
-                            self._handle(self._reader.feed(data))
+                    elif mask & selectors.EVENT_READ or self._tls_read_wants_write:
+                        readable = True
+                if readable:
+                    self._receive()
                 if beat and time.monotonic() - self._last_heard > beat[1] and not any(
                         key.data == "sock" and m & selectors.EVENT_READ for key, m in sel.select(0)):
                     # (Bytes waiting unread mean the master did speak while this thread was busy, say in a
@@ -383,7 +414,7 @@ class ClientConnection:
                 with self._lock:
                     if self._wbuf:
                         self._write()
-                    want_write = bool(self._wbuf)
+                    want_write = bool(self._wbuf) or self._tls_read_wants_write
                 if want_write != writing:
                     writing = want_write
                     sel.modify(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0), "sock")
@@ -424,6 +455,7 @@ class ClientConnection:
                 delay = min(delay * 2, 1.0)
         with self._lock:
             self._adopt(*opened)
+            self.master_shutdown = None
             resend = sorted(self._pending.values(), key=lambda r: r.id)
             waiters = list(self._cancel_waiters.values())
             self._cancel_waiters.clear()
@@ -523,7 +555,35 @@ class ClientConnection:
             if view.nbytes:
                 self._wbuf.append(view)
 
+    def _receive(self) -> None:
+        """Read what has arrived and handle the messages it completes; raises ConnectionError at end-of-file.
+
+        Plain TCP: one recv. TLS: one record per recv, so read on until the SSL object wants more from the
+        network, within a budget that lets writes through during a long download."""
+        sock = self._sock
+        tls = self.ssl_context is not None
+        self._tls_read_wants_write = False
+        got = 0
+        while True:
+            try:
+                data = sock.recv(_TLS_RECV if tls else 1 << 20)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                return
+            except ssl.SSLWantWriteError:
+                self._tls_read_wants_write = True
+                return
+            if not data:
+                raise ConnectionError("the master closed the connection")
+            self._last_heard = time.monotonic()
+            self._handle(self._reader.feed(data))
+            got += len(data)
+            if not tls or got >= _TLS_RECV_BUDGET:
+                return
+
     def _write(self) -> None:
+        if self.ssl_context is not None:
+            self._write_tls()
+            return
         wbuf = self._wbuf
         while wbuf:
             pieces = list(itertools.islice(wbuf, _MAX_IOV))
@@ -540,6 +600,30 @@ class ClientConnection:
                     wbuf[0] = head[sent:]
                     sent = 0
 
+    def _write_tls(self) -> None:
+        """An SSLSocket has no sendmsg: send piece by piece, small pieces first joined into one TLS record's
+        worth. After SSLWantWrite/WantRead OpenSSL must be given the same bytes again: the head stays as is."""
+        wbuf = self._wbuf
+        while wbuf:
+            if not self._tls_retry and len(wbuf) > 1 and wbuf[0].nbytes < _TLS_JOIN:
+                joined = []
+                total = 0
+                while wbuf and total + wbuf[0].nbytes <= _TLS_JOIN:
+                    joined.append(wbuf.popleft())
+                    total += joined[-1].nbytes
+                wbuf.appendleft(memoryview(b"".join(joined)) if len(joined) > 1 else joined[0])
+            head = wbuf[0]
+            try:
+                sent = self._sock.send(head)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self._tls_retry = True
+                return
+            self._tls_retry = False
+            if sent >= head.nbytes:
+                wbuf.popleft()
+            else:
+                wbuf[0] = head[sent:]
+
     def _handle(self, messages: list[P.Message]) -> None:
         for msg in messages:
             t = msg.type
@@ -554,11 +638,15 @@ class ClientConnection:
                     record.state = DONE
                     record.task = None
                     resolved.append((record, item[1], bufs, item[3]))
+                    if self._output.partial:
+                        self._output.task_done(item[0])
                 for record, status, bufs, info in resolved:
                     self._resolve(record, status, bufs, info)
                 with self._lock:
                     if not self._pending and not self._outbox:
                         self._idle.notify_all()
+            elif t == "output":
+                self._output.write(h["items"], msg.buffers)
             elif t == "started":
                 for tid in h["ids"]:
                     record = self._pending.get(tid)
@@ -585,6 +673,15 @@ class ClientConnection:
                         self._idle.notify_all()
             elif t == "ping":
                 pass  # the master is alive; any message says so
+            elif t == "notice":
+                # From this thread a stack location would only point here: name the master instead.
+                warnings.warn_explicit(str(h.get("text")), ClusterWarning, f"clusterexec master {self.address[0]}",
+                                       self.address[1], module="clusterexec")
+            elif t == "shutdown":
+                self.master_shutdown = str(h.get("reason") or "no reason given")
+                log.warning("the clusterexec master at %s:%s is shutting down (%s)%s", *self.address,
+                            self.master_shutdown, f"; waiting up to {self.reconnect_window:g} s for it to come back"
+                            if self.reconnect_window > 0 and self._pending else "")
             elif t == "status":
                 with self._lock:
                     waiter = self._status_waiters.popleft() if self._status_waiters else None
@@ -619,6 +716,58 @@ class ClientConnection:
         _set_exception(future, error_from_info(status, info or {}))
 
 
+class TaskOutput:
+    """Writes what tasks printed to this process's stdout and stderr, each line prefixed with the worker host
+    and the task process's pid. A line is written once complete (or when its task ends), so lines printed
+    at the same time by different tasks do not interleave mid-line."""
+
+    def __init__(self) -> None:
+        self.partial: dict[tuple[int, int], tuple[str, bytes]] = {}  # (task id, stream) → (prefix, line start)
+
+    def write(self, items: list[Any], buffers: list[memoryview]) -> None:
+        if len(items) != len(buffers):
+            raise P.ProtocolError("output items and buffers differ in number")
+        out: dict[int, list[str]] = {1: [], 2: []}
+        for (tid, host, pid, stream, dropped), data in zip(items, buffers, strict=True):
+            stream = 1 if stream == 1 else 2
+            prefix = f"[{host}:{pid}] "
+            key = (tid, stream)
+            data = bytes(data)
+            if key in self.partial:
+                data = self.partial.pop(key)[1] + data
+            lines = data.split(b"\n")
+            if len(lines[-1]) > 1 << 16:  # a very long line, or \r progress output: do not hold it all back
+                lines.append(b"")
+            elif lines[-1]:
+                self.partial[key] = (prefix, lines[-1])
+            out[stream].extend(prefix + line.decode("utf-8", "replace") + "\n" for line in lines[:-1])
+            if dropped:
+                out[2].append(f"{prefix}[clusterexec: {dropped} bytes of this task's output were dropped "
+                              "because they came faster than they could be delivered]\n")
+        self._emit(out)
+
+    def task_done(self, tid: int) -> None:
+        """The task ended: write what it left without a final newline."""
+        out: dict[int, list[str]] = {1: [], 2: []}
+        for stream in (1, 2):
+            left = self.partial.pop((tid, stream), None)
+            if left is not None:
+                out[stream].append(left[0] + left[1].decode("utf-8", "replace") + "\n")
+        self._emit(out)
+
+    @staticmethod
+    def _emit(out: dict[int, list[str]]) -> None:
+        for stream, lines in out.items():
+            if not lines:
+                continue
+            target = sys.stdout if stream == 1 else sys.stderr
+            try:
+                target.write("".join(lines))
+                target.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # closed or missing: nowhere to write, and no reason to fail the tasks
+
+
 def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
     """The clusterexec error for a task that failed outside user code."""
     where = f"on host {info.get('host', '?')}, pid {info.get('pid', '?')}"
@@ -646,6 +795,8 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
         if info.get("started"):
             return TaskKilled(f"task was killed while running {where}")
         return TaskKilled("task was killed before it started")
+    if kind == "incompatible":
+        return IncompatibleWorkers(str(info.get("message")))
     if kind == "initializer":
         error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
     elif kind == "serialization":

@@ -13,6 +13,8 @@ __all__ = [
     "AuthenticationError",
     "ClusterError",
     "ClusterUnavailable",
+    "ClusterWarning",
+    "IncompatibleWorkers",
     "InitializerError",
     "ProtocolError",
     "RemoteError",
@@ -72,6 +74,16 @@ class TaskKilled(ClusterError, CancelledError):
 
 class ClusterUnavailable(ClusterError, BrokenExecutor):
     """The master cannot be reached (or went away) and the executor cannot go on."""
+
+
+class IncompatibleWorkers(ClusterError, RuntimeError):
+    """No connected worker node can run the task: every one has another Python major.minor or cloudpickle
+    major.minor than the client, and none with matching versions joined within `compatible_wait` seconds."""
+
+
+class ClusterWarning(UserWarning):
+    """Something the cluster wants the user to know that does not fail a task (say, worker nodes with other
+    Python or cloudpickle versions, which will not get this client's tasks)."""
 
 
 class SerializationError(ClusterError):

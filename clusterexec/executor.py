@@ -48,7 +48,10 @@ class ClusterExecutor(Executor):
     def __init__(self, address: str | tuple[str, int] | None = None, max_workers: int | None = None, *,
                  authkey: str | bytes | None = None, initializer: Callable[..., Any] | None = None,
                  initargs: tuple = (), max_tasks_per_child: int | None = None, mp_context: Any = None,
-                 connect_timeout: float = 30.0, reconnect_window: float = 60.0, name: str | None = None):
+                 connect_timeout: float = 30.0, reconnect_window: float = 60.0, name: str | None = None,
+                 slurm: bool | str = False,
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None,
+                 modules: Iterable[Any] = (), output: bool = True, compatible_wait: float = 60.0):
         if isinstance(address, int) and not isinstance(address, bool):
             # ClusterExecutor(8), as one would write ProcessPoolExecutor(8)
             address, max_workers = None, address
@@ -62,7 +65,18 @@ class ClusterExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
+        self._by_value = S.send_by_value(modules)
         self._local: LocalCluster | None = None
+        if slurm and address is None:
+            from .slurm import master_address
+            address = master_address(None if slurm is True else slurm)
+        ssl_context = None
+        if tls_cert or tls_key or tls_ca:
+            from .auth import TLSConfigError, tls_context
+            if address is None:
+                raise TLSConfigError("tls_cert, tls_key and tls_ca are for a cluster address: local mode talks to its "
+                                     "private master over 127.0.0.1 only and does not use TLS")
+            ssl_context = tls_context(server=False, cert=tls_cert, key=tls_key, ca=tls_ca)
         if address is None:
             self._local = LocalCluster(max_workers or default_nprocs())
             host_port, key = self._local.address, self._local.key
@@ -71,7 +85,8 @@ class ClusterExecutor(Executor):
             key, _ = resolve_key(authkey)
         try:
             self._conn = ClientConnection(host_port, key, name=name or _default_name(),
-                                          connect_timeout=connect_timeout,
+                                          connect_timeout=connect_timeout, ssl_context=ssl_context,
+                                          compat_wait=compatible_wait,
                                           reconnect_window=0.0 if self._local is not None else reconnect_window)
         except BaseException:
             if self._local is not None:
@@ -86,6 +101,8 @@ class ClusterExecutor(Executor):
             self._opts["init"] = 1
         if max_tasks_per_child is not None:
             self._opts["mtpc"] = max_tasks_per_child
+        if not output:
+            self._opts["out"] = 0
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         if self._local is not None:
@@ -156,17 +173,19 @@ class ClusterExecutor(Executor):
     # ------------------------------------------------------------------------------------------ map
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
+            chunksize: int = 1, buffersize: int | None = None, progress: bool = False) -> Iterator[Any]:
         """Like `ProcessPoolExecutor.map`, with `buffersize` (Python 3.14) on every Python.
 
         Results come in input order. With ``chunksize > 1`` items travel in chunks; an exception raised for
         an item is raised when the iteration reaches that item, after the results before it. With
         ``buffersize=N`` at most N tasks are in flight, so an endless generator maps in bounded memory.
+        ``progress=True`` shows a progress bar (tqdm if installed, else a line on stderr) counting items as
+        their tasks finish.
         """
-        return self._map(fn, iterables, timeout, chunksize, buffersize, None)
+        return self._map(fn, iterables, timeout, chunksize, buffersize, None, progress)
 
     def _map(self, fn: Callable[..., Any], iterables: tuple, timeout: float | None, chunksize: int,
-             buffersize: int | None, extra: dict | None) -> Iterator[Any]:
+             buffersize: int | None, extra: dict | None, progress: bool = False) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if buffersize is not None:
@@ -191,24 +210,31 @@ class ClusterExecutor(Executor):
         if chunked:
             opts["chunk"] = 1
         conn = self._conn
+        bar = _progress_bar(iterables, getattr(fn, "__name__", "map")) if progress else None
 
         def make(item: Any) -> Future:
             if deps is None:
-                return _failed(error)
-            try:
-                bufs = S.dumps(item if chunked else (item, {}), "pickling the arguments")
-            except SerializationError as e:
-                return _failed(e)
-            return conn.submit(deps, bufs, opts or None, chunk=chunked)
+                future = _failed(error)
+            else:
+                try:
+                    bufs = S.dumps(item if chunked else (item, {}), "pickling the arguments")
+                except SerializationError as e:
+                    future = _failed(e)
+                else:
+                    future = conn.submit(deps, bufs, opts or None, chunk=chunked)
+            if bar is not None:
+                n = len(item) if chunked else 1
+                future.add_done_callback(lambda _: bar.update(n))
+            return future
 
         if buffersize is None:
             futures = deque(make(item) for item in zipped)
         else:
             futures = deque(make(item) for item in itertools.islice(zipped, buffersize))
-        return self._results(futures, zipped if buffersize else None, make, end_time, chunked)
+        return self._results(futures, zipped if buffersize else None, make, end_time, chunked, bar)
 
     def _results(self, futures: deque[Future], more: Iterator[Any] | None, make: Callable[[Any], Future],
-                 end_time: float | None, chunked: bool) -> Iterator[Any]:
+                 end_time: float | None, chunked: bool, bar: Any = None) -> Iterator[Any]:
         try:
             while futures:
                 future = futures.popleft()
@@ -239,6 +265,8 @@ class ClusterExecutor(Executor):
                 del value, future
         finally:
             _cancel_all(futures)
+            if bar is not None:
+                bar.close()
 
     # ------------------------------------------------------------------------------------------ shutdown
 
@@ -256,6 +284,8 @@ class ClusterExecutor(Executor):
             self._conn.close(wait_idle=True)
         self._finalizer.detach()
         _open_executors.discard(self)
+        names, self._by_value = self._by_value, []
+        S.stop_by_value(names)
 
     # ------------------------------------------------------------------------------------------ misc
 
@@ -280,8 +310,8 @@ class TaskOptions:
         return self._executor._submit(fn, args, kwargs, self._opts)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:
-        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._opts)
+            chunksize: int = 1, buffersize: int | None = None, progress: bool = False) -> Iterator[Any]:
+        return self._executor._map(fn, iterables, timeout, chunksize, buffersize, self._opts, progress)
 
     def options(self, *, timeout: float | None = None, retries: int | None = None) -> TaskOptions:
         return TaskOptions(self._executor, {**self._opts, **_task_options(timeout, retries)})
@@ -302,6 +332,16 @@ def _task_options(timeout: float | None, retries: int | None) -> dict[str, Any]:
 
 _END = object()
 _open_executors: weakref.WeakSet[ClusterExecutor] = weakref.WeakSet()
+
+
+def _progress_bar(iterables: tuple, name: str) -> Any:
+    from . import progress
+
+    try:
+        total: int | None = min(len(it) for it in iterables) if iterables else 0
+    except TypeError:
+        total = None  # a generator: the bar counts without a total
+    return progress.start(total, name)
 
 
 @atexit.register

@@ -6,7 +6,9 @@
                             │  → one flush per loop iteration │
                             └─────────────────────────────────┘
 
-Every connection authenticates first (see `protocol`), then says hello with its role. Payloads are
+With --tls-*, each new connection first meets a gate (`_tls_gate`): a TLS handshake against the cluster CA,
+or, for a peer that does not start TLS, a "TLS required" answer and the door. Then, in TLS or not, every
+connection authenticates (see `protocol`) and says hello with its role. Payloads are
 forwarded as the opaque buffers they arrived in; the master never unpickles anything. Output is coalesced:
 events only mark peers dirty, and one callback per loop iteration writes each dirty peer a single frame
 per message type.
@@ -16,30 +18,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import itertools
+import json
 import logging
+import os
 import platform
 import signal
 import socket
+import ssl
 import sys
 import time
+from asyncio import sslproto
+from collections import deque
 from typing import Any
 
 from . import __version__
 from . import protocol as P
 from .address import DEFAULT_PORT
-from .auth import MissingKeyError, resolve_key
-from .connection import FramedConnection, LinkEnd, local_link
+from .auth import MissingKeyError, TLSConfigError, add_tls_arguments, resolve_key, tls_from_arguments
+from .connection import HANDSHAKE_TIMEOUT, FramedConnection, LinkEnd, local_link
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
+
+# How long a TLS master waits for a new connection's first TLS bytes before it decides the peer is a
+# plaintext clusterexec client or worker (which waits for our hello in silence) and says TLS is required.
+# A TLS peer sends its ClientHello as soon as TCP connects, so this only needs to cover a stalled peer.
+TLS_SNIFF_TIMEOUT = 3.0
 
 class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""
 
     def __init__(self, key: bytes, *, prefetch: int | None = None, heartbeat_interval: float = 1.0,
-                 heartbeat_timeout: float = 5.0, max_frame: int = P.DEFAULT_MAX_FRAME):
+                 heartbeat_timeout: float = 5.0, max_frame: int = P.DEFAULT_MAX_FRAME,
+                 ssl_context: ssl.SSLContext | None = None):
         self.key = key
+        self.ssl_context = ssl_context  # TLS on every connection (see _tls_gate); None: plain TCP
+        self._gates: set[asyncio.Task] = set()
         self.max_frame = max_frame
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -50,25 +66,41 @@ class Master:
         self._ids = itertools.count(1)
         self._client_conn: dict[int, FramedConnection] = {}
         self._client_cache: dict[int, P.BlobLRU] = {}
+        self._client_output: dict[int, list[tuple[list[Any], Any]]] = {}  # client id → task output to send
+        # client id → {(task id, host, pid): bytes of its output dropped while the client lagged, not yet told}
+        self._output_dropped: dict[int, dict[tuple[int, Any, int], int]] = {}
+        self._compat_wait: dict[int, float] = {}  # client id → seconds it waits while only incompatible nodes are here
+        self._stranded: dict[int, float] = {}  # client id → since when its queued tasks have had no compatible node
         self._node_conn: dict[int, FramedConnection] = {}
         self._node_sent: dict[int, P.BlobLRU] = {}
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_at = time.time()
+        self.tasks_done = 0  # results received from nodes, for the recent rate in `status`
+        self._rate_samples: deque[tuple[float, int]] = deque(maxlen=11)  # (time, tasks_done), one per beat
 
     async def start(self, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        self.server = await self._loop.create_server(self._new_connection, host, port, reuse_address=True)
+        factory = self._new_connection if self.ssl_context is None else self._new_gate
+        self.server = await self._loop.create_server(factory, host, port, reuse_address=True)
         sockname = self.server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
+        self._rate_samples.append((self._loop.time(), 0))
         return self.address
+
+    def announce_shutdown(self, reason: str) -> None:
+        """Tell every client and node why the connections are about to close."""
+        for conn in [*self._client_conn.values(), *self._node_conn.values()]:
+            conn.send({"t": "shutdown", "reason": reason})
 
     def close(self) -> None:
         if self._beat is not None:
             self._beat.cancel()
         if self.server is not None:
             self.server.close()
+        for gate in list(self._gates):
+            gate.cancel()
         for conn in [*self._client_conn.values(), *self._node_conn.values()]:
             conn.close()
 
@@ -81,6 +113,70 @@ class Master:
     def _new_connection(self) -> FramedConnection:
         return FramedConnection(role="server", key=self.key, on_ready=_no_op,
                                 on_messages=self._on_messages, on_lost=self._on_lost, max_frame=self.max_frame)
+
+    # ------------------------------------------------------------------------------------------ TLS
+
+    def _new_gate(self) -> _TLSGate:
+        return _TLSGate(self)
+
+    async def _tls_gate(self, transport: asyncio.Transport) -> None:
+        """Look at the first bytes of a new connection to a TLS master, then start TLS or turn it away.
+
+        A TLS client speaks first (its ClientHello starts with 0x16); a clusterexec peer without TLS waits in
+        silence for our hello. So: a TLS record within TLS_SNIFF_TIMEOUT gets the handshake, anything else gets
+        `TLS_REQUIRED_HELLO`, which a plaintext clusterexec client or worker turns into "the master requires
+        TLS", and is closed. The bytes are only peeked at, through a duplicate of the socket, so the handshake
+        then runs on an untouched stream, in a transport of its own."""
+        loop = self._loop
+        peer = _transport_peer(transport)
+        probe = transport.get_extra_info("socket").dup()
+        try:
+            readable = loop.create_future()
+            loop.add_reader(probe.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, TLS_SNIFF_TIMEOUT)
+                first: bytes | None = probe.recv(1, socket.MSG_PEEK)
+            except TimeoutError:
+                first = None
+            except OSError:
+                first = b""
+            finally:
+                loop.remove_reader(probe.fileno())
+            if first == b"":
+                transport.abort()
+                return
+            if first != b"\x16":
+                log.warning("rejected connection from %s: it did not start TLS, which this master requires", peer)
+                transport.write(P.TLS_REQUIRED_HELLO)
+                transport.close()
+                return
+            # Hand the connection (the duplicate) to asyncio's TLS; the first transport never read a byte.
+            sock, probe = probe, None
+            transport.abort()
+            conn = self._new_connection()
+            handshake = loop.create_future()
+            try:
+                await loop.connect_accepted_socket(
+                    lambda: _TLSServerProtocol(loop, conn, self.ssl_context, handshake, server_side=True,
+                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT), sock)
+                await handshake
+            except (OSError, TimeoutError) as e:
+                if isinstance(e, ssl.SSLCertVerificationError):
+                    why = f"its certificate is not signed by our CA ({e.verify_message})"
+                elif isinstance(e, ssl.SSLError):
+                    why = e.reason or str(e)
+                elif isinstance(e, ConnectionError):
+                    why = "it hung up (does it trust our certificate? its --tls-ca must be our CA)"
+                else:
+                    why = str(e) or type(e).__name__
+                log.warning("rejected connection from %s: TLS handshake failed: %s", peer, why)
+                sock.close()
+                return
+            if conn.transport is None:
+                log.info("connection from %s closed during the TLS handshake", peer)
+        finally:
+            if probe is not None:
+                probe.close()
 
     # ------------------------------------------------------------------------------------------ input
 
@@ -107,7 +203,8 @@ class Master:
         role = header["role"]
         if role == "client":
             cid = next(self._ids)
-            self.scheduler.add_client(cid, _peer_info(conn, header))
+            client = self.scheduler.add_client(cid, _peer_info(conn, header), compat_key(header))
+            self._compat_wait[cid] = float(header.get("compat_wait", 60.0))
             self._client_conn[cid] = conn
             self._client_cache[cid] = P.BlobLRU()
             conn.state = ("client", cid)
@@ -115,19 +212,26 @@ class Master:
                        "nodes": len(self.scheduler.nodes), "version": __version__,
                        "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout], "max_frame": self.max_frame})
             log.info("client %d connected from %s (%s)", cid, conn.peer, header.get("name", "?"))
+            odd = [n for n in self.scheduler.nodes.values() if n.compat != client.compat]
+            if odd:
+                conn.send({"t": "notice", "text": _incompatible_text(client, odd)})
         elif role == "worker":
             nprocs = int(header["nprocs"])
             if nprocs < 1:
                 raise ValueError("nprocs must be at least 1")
             nid = next(self._ids)
-            self.scheduler.add_node(nid, nprocs, _peer_info(conn, header))
+            node = self.scheduler.add_node(nid, nprocs, _peer_info(conn, header), compat_key(header))
             self._node_conn[nid] = conn
             self._node_sent[nid] = P.BlobLRU()
             conn.state = ("node", nid)
             conn.send({"t": "welcome", "id": nid, "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout],
                        "max_frame": self.max_frame})
-            log.info("worker node %d joined from %s: host %s, pid %s, %d processes",
-                     nid, conn.peer, header.get("host"), header.get("pid"), nprocs)
+            log.info("worker node %d joined from %s: host %s, pid %s, %d processes, Python %s, cloudpickle %s",
+                     nid, conn.peer, header.get("host"), header.get("pid"), nprocs, header.get("python"),
+                     header.get("cloudpickle"))
+            for client in self.scheduler.clients.values():
+                if client.compat != node.compat and client.id in self._client_conn:
+                    self._client_conn[client.id].send({"t": "notice", "text": _incompatible_text(client, [node])})
         elif role == "status":
             conn.state = ("status", 0)
             conn.send({"t": "status", **self.status()})
@@ -155,20 +259,50 @@ class Master:
         sched = self.scheduler
         if t == "results":
             items = h["items"]
+            self.tasks_done += len(items)
             for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
                 gid, status, _, info = item
                 if status not in ("ok", "raise", "error", "lost"):
                     raise ValueError(f"unknown result status {status!r}")
                 sched.result(nid, int(gid), status, bufs, info)
+        elif t == "output":
+            self._task_output(nid, h["items"], msg.buffers)
         elif t == "started":
             sched.started(nid, [int(g) for g in h["ids"]])
         elif t == "pong":
             pass  # its arrival is the point
+        elif t == "leaving":
+            back = sched.node_leaving(nid, [int(g) for g in h["ids"]])
+            log.info("worker node %d is leaving; it handed back %d tasks", nid, len(back))
         elif t == "cancel_reply":
             sched.cancel_reply(nid, int(h["key"]), [int(g) for g in h["cancelled"]],
                                [int(g) for g in h["refused"]])
         else:
             raise P.ProtocolError(f"unknown message type {t!r} from a worker node")
+
+    def _task_output(self, nid: int, items: list[Any], buffers: list[memoryview]) -> None:
+        """Route what tasks printed to their clients. A client that does not keep up loses output (and is
+        told how much), so a task printing in a loop cannot fill the master's memory."""
+        if len(items) != len(buffers):
+            raise ValueError("output items and buffers differ in number")
+        node = self.scheduler.nodes[nid]
+        host = node.info.get("host")
+        for (gid, pid, stream, dropped), data in zip(items, buffers, strict=True):
+            ts = self.scheduler.task(int(gid))
+            if ts is None or ts.node is not node:
+                continue
+            cid = ts.client.id
+            conn = self._client_conn.get(cid)
+            if conn is None:
+                continue
+            if _backlog(conn) > OUTPUT_BACKLOG:
+                lost = self._output_dropped.setdefault(cid, {})
+                key = (ts.task.id, host, int(pid))
+                lost[key] = lost.get(key, 0) + len(data) + int(dropped)
+                continue
+            self._client_output.setdefault(cid, []).append(([ts.task.id, host, int(pid), int(stream), int(dropped)],
+                                                            data))
+            self.scheduler.dirty_clients.add(ts.client)
 
     def _on_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
         if not conn.state:
@@ -177,6 +311,10 @@ class Master:
         if kind == "client":
             self._client_conn.pop(ident, None)
             self._client_cache.pop(ident, None)
+            self._client_output.pop(ident, None)
+            self._output_dropped.pop(ident, None)
+            self._compat_wait.pop(ident, None)
+            self._stranded.pop(ident, None)
             self.scheduler.remove_client(ident)
             log.info("client %d disconnected", ident)
         elif kind == "node":
@@ -200,6 +338,7 @@ class Master:
         its tasks go to other nodes. (If it comes back, its connection is gone: it reconnects as a new node
         and drops what it was running.) Clients take the pings as a sign of our own life."""
         now = self._loop.time()
+        self._rate_samples.append((now, self.tasks_done))
         for conn in list(self._node_conn.values()):
             if isinstance(conn, LinkEnd):
                 continue
@@ -211,7 +350,33 @@ class Master:
                 conn.send({"t": "ping"})
         for conn in self._client_conn.values():
             conn.send({"t": "ping"})
+        for cid in self._output_dropped:  # to tell them, once they have caught up
+            client = self.scheduler.clients.get(cid)
+            if client is not None:
+                self.scheduler.dirty_clients.add(client)
+                self._schedule_flush()
+        self._check_stranded(now)
         self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
+
+    def _check_stranded(self, now: float) -> None:
+        """Fail the queued tasks of a client that only incompatible nodes could run, once it has waited its
+        `compat_wait`. (With no node at all, tasks wait: nodes may still be starting.)"""
+        sched = self.scheduler
+        groups = {n.compat for n in sched.nodes.values()}
+        for client in sched.clients.values():
+            if not client.queue or not groups or client.compat in groups:
+                self._stranded.pop(client.id, None)
+                continue
+            since = self._stranded.setdefault(client.id, now)
+            wait = self._compat_wait.get(client.id, 60.0)
+            if now - since < wait:
+                continue
+            self._stranded.pop(client.id, None)
+            failed = sched.fail_queued(client.id, {
+                "kind": "incompatible",
+                "message": _incompatible_text(client, list(sched.nodes.values()), waited=wait)})
+            log.warning("client %d: failed %d tasks that no connected worker node can run", client.id, failed)
+            self._schedule_flush()
 
     # ------------------------------------------------------------------------------------------ output
 
@@ -248,6 +413,11 @@ class Master:
             conn = self._client_conn.get(client.id)
             if conn is None:
                 continue
+            output = self._client_output.pop(client.id, None)
+            if client.id in self._output_dropped:
+                output = self._drop_notices(client, conn) + (output or [])
+            if output:  # ahead of the results, which may end the tasks that printed it
+                conn.send({"t": "output", "items": [item for item, _ in output]}, [data for _, data in output])
             if client.out_started:
                 conn.send({"t": "started", "ids": client.out_started})
                 client.out_started = []
@@ -261,19 +431,55 @@ class Master:
             client.out_cancel_replies = []
         sched.dirty_clients.clear()
 
+    def _drop_notices(self, client: Any, conn: Any) -> list[tuple[list[Any], bytes]]:
+        """Tell a client how much output it lost: for tasks ending now, at once (a few bytes, ahead of
+        their results); for the others, once it has caught up."""
+        lost = self._output_dropped[client.id]
+        if _backlog(conn) <= OUTPUT_BACKLOG // 2:
+            keys = list(lost)
+        else:
+            ending = {r[0] for r in client.out_results}
+            keys = [key for key in lost if key[0] in ending]
+        notices = [([*key, 2, lost.pop(key)], b"") for key in keys]
+        if not lost:
+            del self._output_dropped[client.id]
+        return notices
+
     # ------------------------------------------------------------------------------------------ status
 
     def status(self) -> dict[str, Any]:
+        """What `python -m clusterexec.status` and `ClusterExecutor.cluster_info()` show."""
         sched = self.scheduler
+        now = self._loop.time() if self._loop is not None else 0.0
+        rate = 0.0
+        if self._rate_samples:
+            t0, n0 = self._rate_samples[0]
+            if now - t0 > 0.1:
+                rate = (self.tasks_done - n0) / (now - t0)
+
+        def heard(n: Any) -> float | None:
+            conn = self._node_conn.get(n.id)
+            if isinstance(conn, LinkEnd):
+                return 0.0  # in this process: always current
+            last = getattr(conn, "last_heard", None)
+            return round(max(0.0, now - last), 3) if last is not None else None
+
         return {
             "version": __version__,
+            "python": python_version(),
             "uptime": time.time() - self.started_at,
-            "queued": sched.queued(),
+            # Waiting to run: in the master's queues, or handed to a node ahead of time (prefetched).
+            "queued": sched.queued() + sum(max(0, len(n.assigned) - n.nprocs) for n in sched.nodes.values()),
+            "queued_at_master": sched.queued(),
+            "running": sum(min(len(n.assigned), n.nprocs) for n in sched.nodes.values()),
             "procs": sched.total_procs(),
+            "tasks_done": self.tasks_done,
+            "tasks_per_second": round(rate, 1),
             "workers": [
                 {"id": n.id, "host": n.info.get("host"), "pid": n.info.get("pid"), "nprocs": n.nprocs,
-                 "busy": len(n.assigned), "done": n.tasks_done, "failed": n.tasks_failed,
-                 "python": n.info.get("python"), "address": n.info.get("address")}
+                 "busy": min(len(n.assigned), n.nprocs), "assigned": len(n.assigned), "done": n.tasks_done,
+                 "failed": n.tasks_failed, "python": n.info.get("python"), "cloudpickle": n.info.get("cloudpickle"),
+                 "address": n.info.get("address"), "last_heard": heard(n)}
                 for n in sched.nodes.values()
             ],
             "clients": [
@@ -289,8 +495,78 @@ def _peer_info(conn: FramedConnection, header: dict[str, Any]) -> dict[str, Any]
             "python": header.get("python"), "cloudpickle": header.get("cloudpickle"), "address": conn.peer}
 
 
+def compat_key(header: dict[str, Any]) -> str:
+    """Peers with equal keys can run each other's pickles: the same Python major.minor and the same
+    cloudpickle major.minor (patch levels may differ)."""
+    def minor(version: Any) -> str:
+        return ".".join(str(version).split(".")[:2]) if version else "?"
+
+    return f"Python {minor(header.get('python'))}, cloudpickle {minor(header.get('cloudpickle'))}"
+
+
+def _incompatible_text(client: Any, nodes: list[Any], waited: float | None = None) -> str:
+    odd = [n for n in nodes if n.compat != client.compat]
+    listed = "; ".join(f"{n.info.get('host')} (pid {n.info.get('pid')}) has Python {n.info.get('python')}, "
+                       f"cloudpickle {n.info.get('cloudpickle')}" for n in odd[:5])
+    if len(odd) > 5:
+        listed += f"; and {len(odd) - 5} more"
+    mine = f"Python {client.info.get('python')}, cloudpickle {client.info.get('cloudpickle')}"
+    if waited is not None:
+        return (f"no connected worker node can run this client's tasks: it has {mine}, and for {waited:g} s "
+                f"every worker node had another Python or cloudpickle version ({listed}). Start workers with "
+                f"the same Python major.minor and cloudpickle major.minor.")
+    return (f"worker nodes with other versions will not get this client's tasks: this client has {mine}; "
+            f"{listed}. Pickles only travel between the same Python major.minor and cloudpickle major.minor.")
+
+
 def _no_op(conn: FramedConnection) -> None:
     pass
+
+
+class _TLSServerProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, except that a failed handshake sends its alert before the connection closes.
+
+    asyncio drops it, so a peer whose certificate we refuse would only see the connection close after its
+    side of a TLS 1.3 handshake had completed, with no reason; with the alert it reports "unknown ca"."""
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        if handshake_exc is not None:
+            try:
+                self._process_outgoing()
+            except Exception:  # the alert is a courtesy: never let it hide the handshake's own error
+                pass
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _TLSGate(asyncio.Protocol):
+    """The first protocol of a connection to a TLS master: it reads nothing and hands over to `_tls_gate`."""
+
+    def __init__(self, master: Master):
+        self.master = master
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]
+        task = self.master._loop.create_task(self.master._tls_gate(transport))  # type: ignore[arg-type]
+        self.master._gates.add(task)
+        task.add_done_callback(self.master._gates.discard)
+
+
+def _transport_peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "?"
+
+
+OUTPUT_BACKLOG = 8 << 20  # bytes unsent to a client beyond which task output for it is dropped
+
+
+def _backlog(conn: Any) -> int:
+    transport = getattr(conn, "transport", None)
+    try:
+        return transport.get_write_buffer_size() if transport is not None else 0
+    except (AttributeError, RuntimeError):
+        return 0
 
 
 def advertised_host(bound: str) -> str:
@@ -330,8 +606,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest message a peer may send, which bounds what the master buffers for one "
                              f"connection (default {P.DEFAULT_MAX_FRAME >> 20})")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--address-file", metavar="PATH",
+                        help="once listening, write the address others should use to PATH (JSON: address, host, "
+                             "port, pid, slurm_job_id), atomically; removed when the master stops")
+    parser.add_argument("--advertise-host", metavar="HOST",
+                        help="the host name others should connect to, in the printed lines and the address file "
+                             "(default: --host, or this machine's name when listening on all interfaces)")
+    add_tls_arguments(parser, "this master's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        args.ssl_context = tls_from_arguments(args, server=True)
+    except TLSConfigError as e:
+        print(f"clusterexec.master: {e}", file=sys.stderr)
+        return 2
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("clusterexec.master: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
         return 2
@@ -346,18 +634,62 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def _write_address_file(path: str, host: str, port: int) -> str:
+    """Tell others where this master is: JSON in `path`, written to a temporary file and renamed into place
+    so that a reader never sees half a file (`clusterexec.slurm` polls for it)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    record = {"address": shown, "host": host, "port": port, "pid": os.getpid(),
+              "hostname": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _remove_address_file(path: str) -> None:
+    """Remove the address file if it is still ours (a newer master may have replaced it)."""
+    try:
+        with open(path) as f:
+            if json.load(f).get("pid") != os.getpid():
+                return
+        os.unlink(path)
+    except (OSError, ValueError):
+        pass
+
+
 async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
     master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-                    max_frame=args.max_frame_mb << 20)
+                    max_frame=args.max_frame_mb << 20, ssl_context=args.ssl_context)
     try:
         host, port = await master.start(args.host, args.port)
     except OSError as e:
         print(f"clusterexec.master: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
         return 2
-    shown = advertised_host(host)
-    print(f"clusterexec master listening on {host}:{port} (key from {source})\n"
-          f"  start workers:  python -m clusterexec.worker {shown}:{port}\n"
-          f"  connect:        ClusterExecutor(\"{shown}:{port}\")", flush=True)
+    shown = args.advertise_host or advertised_host(host)
+    if args.address_file:
+        try:
+            address_file = _write_address_file(args.address_file, shown, port)
+        except OSError as e:
+            master.close()
+            print(f"clusterexec.master: cannot write the address file {args.address_file}: {e}", file=sys.stderr)
+            return 2
+        # Removed at interpreter exit, which follows every clean stop (SIGTERM, SIGINT, scancel).
+        atexit.register(_remove_address_file, address_file)
+    if args.ssl_context is None:
+        print(f"clusterexec master listening on {host}:{port} (key from {source})\n"
+              f"  start workers:  python -m clusterexec.worker {shown}:{port}\n"
+              f"  connect:        ClusterExecutor(\"{shown}:{port}\")", flush=True)
+    else:
+        print(f"clusterexec master listening on {host}:{port} with TLS (key from {source}; peers need a "
+              f"certificate signed by the CA in {args.tls_ca})\n"
+              f"  start workers:  python -m clusterexec.worker {shown}:{port} --tls-cert CERT --tls-key KEY "
+              f"--tls-ca {args.tls_ca}\n"
+              f"  connect:        ClusterExecutor(\"{shown}:{port}\", tls_cert=CERT, tls_key=KEY, "
+              f"tls_ca=\"{args.tls_ca}\")", flush=True)
     agent = None
     if args.workers:
         from .worker import Agent
@@ -365,10 +697,14 @@ async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
         await agent.start(link=master.local_link())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    received: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
     await stop.wait()
-    log.info("shutting down")
+    reason = f"the master received {received[0] if received else 'a stop request'}"
+    log.info("shutting down (%s); telling %d clients and %d worker nodes", reason,
+             len(master._client_conn), len(master._node_conn))
+    master.announce_shutdown(reason)
     if agent is not None:
         await agent.stop()
     master.close()

@@ -7,6 +7,8 @@ Nothing here touches a socket: bytes go in, messages come out, and the other way
       server ◀── MAGIC | version | HMAC(key, "C"+challenge_s) | challenge_c ── client (70 bytes)
       server ──  "OK" | HMAC(key, "S"+challenge_c) ─────────────────────▶ client     (34 bytes)
                  or "NO"/"VV" + 32 zero bytes, then close (wrong key / wrong version)
+    a TLS master answers a peer that does not start TLS with TLS_REQUIRED | version | 32 zero bytes, then
+    closes; under TLS the same handshake runs inside the encrypted connection.
     then frames, both ways:
 
       ┌────────┬─────────────┬──────────────────┬──────────────┬─────────┬───┬─────────┐
@@ -40,6 +42,7 @@ from .errors import AuthenticationError, ProtocolError, VersionMismatch  # noqa:
 
 PROTOCOL_VERSION = 1
 MAGIC = b"CLEX"
+TLS_REQUIRED = b"CLXT"  # in place of MAGIC: "this master requires TLS" (see TLS_REQUIRED_HELLO)
 CHALLENGE_SIZE = 32
 DIGEST_SIZE = 32
 
@@ -49,6 +52,7 @@ SERVER_VERDICT_SIZE = 2 + DIGEST_SIZE
 VERDICT_OK = b"OK"
 VERDICT_WRONG_KEY = b"NO"
 VERDICT_WRONG_VERSION = b"VV"
+TLS_REQUIRED_HELLO = SERVER_HELLO.pack(TLS_REQUIRED, PROTOCOL_VERSION, bytes(CHALLENGE_SIZE))
 
 _PREFIX = struct.Struct("!HI")
 _BUFLEN = struct.Struct("!Q")
@@ -78,6 +82,10 @@ def server_hello(challenge: bytes) -> bytes:
 def client_proof(key: bytes, hello: bytes, my_challenge: bytes) -> bytes:
     """Answer a server hello; raises if the server is not a clusterexec master of our version."""
     magic, version, challenge = SERVER_HELLO.unpack(hello)
+    if magic == TLS_REQUIRED:
+        raise AuthenticationError(
+            "the master requires TLS: give this client tls_cert=, tls_key= and tls_ca= (a worker or the status "
+            "command: --tls-cert, --tls-key, --tls-ca), with a certificate signed by the cluster's CA")
     if magic != MAGIC:
         raise ProtocolError("the server is not a clusterexec master (wrong greeting); check the address and port")
     if version != PROTOCOL_VERSION:

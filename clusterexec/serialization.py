@@ -11,8 +11,12 @@ that master and agent forward without looking inside. Every failure says which p
 
 from __future__ import annotations
 
+import importlib
 import pickle
+import socket
+import sys
 import traceback
+import types
 from typing import Any
 
 import cloudpickle
@@ -47,7 +51,54 @@ def loads(buffers: list[Any], phase: str) -> Any:
     try:
         return pickle.loads(buffers[0], buffers=buffers[1:])
     except (Exception, SystemExit) as e:
-        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+        hint = missing_module_hint(e)
+        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}{'. ' + hint if hint else ''}",
+                                 phase=phase) from e
+
+
+def missing_module_hint(exc: BaseException) -> str:
+    """For a module missing where a task runs: which one, and how to send it along."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return ""
+    top = exc.name.partition(".")[0]
+    return (f"The module {exc.name!r} is not installed on this worker ({socket.gethostname()}): install it "
+            f"there, or send it with the tasks: ClusterExecutor(..., modules=[{top}])")
+
+
+_by_value: dict[str, int] = {}  # module name → executors that asked for it to be pickled by value
+
+
+def send_by_value(modules: Any) -> list[str]:
+    """Have cloudpickle pickle these modules' functions and classes by value, so workers need no copy of
+    them. Accepts modules or their names; returns the names, for `stop_by_value`."""
+    names = []
+    for module in modules:
+        if isinstance(module, str):
+            module = importlib.import_module(module)
+        if not isinstance(module, types.ModuleType):
+            raise TypeError(f"modules= takes modules or module names, not {type(module).__name__}")
+        if _by_value.get(module.__name__, 0) == 0:
+            if module.__name__ in cloudpickle.list_registry_pickle_by_value():
+                continue  # registered by the user: theirs to keep
+            cloudpickle.register_pickle_by_value(module)
+        _by_value[module.__name__] = _by_value.get(module.__name__, 0) + 1
+        names.append(module.__name__)
+    return names
+
+
+def stop_by_value(names: list[str]) -> None:
+    for name in names:
+        left = _by_value.get(name, 0) - 1
+        if left > 0:
+            _by_value[name] = left
+            continue
+        _by_value.pop(name, None)
+        module = sys.modules.get(name)
+        if module is not None:
+            try:
+                cloudpickle.unregister_pickle_by_value(module)
+            except ValueError:
+                pass
 
 
 def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:

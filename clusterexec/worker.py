@@ -18,14 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import fcntl
 import gc
 import logging
 import mmap
 import os
 import platform
+import select
 import signal
 import socket
+import ssl
 import sys
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -35,7 +39,7 @@ import cloudpickle
 from . import protocol as P
 from . import serialization as S
 from .address import DEFAULT_PORT, parse_address
-from .auth import MissingKeyError, resolve_key
+from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
 from .connection import FramedConnection, LinkEnd
 from .local import default_nprocs
 
@@ -75,12 +79,14 @@ class Agent:
     """Connects to the master, supervises `nprocs` task processes, and relays tasks and results."""
 
     def __init__(self, address: tuple[str, int], key: bytes, nprocs: int | None = None,
-                 *, connect_timeout: float = 60.0, reconnect_window: float = 60.0):
+                 *, connect_timeout: float = 60.0, reconnect_window: float = 60.0,
+                 ssl_context: ssl.SSLContext | None = None):
         self.address = address
         self.key = key
         self.nprocs = nprocs or default_nprocs()
         self.connect_timeout = connect_timeout
         self.reconnect_window = reconnect_window
+        self.ssl_context = ssl_context  # TLS towards the master (never on an in-process link)
         self.host = socket.gethostname()
         self.conn: FramedConnection | LinkEnd | None = None
         self.procs: dict[int, _Proc] = {}
@@ -88,9 +94,13 @@ class Agent:
         self.cache = P.BlobLRU()
         self.closed = asyncio.Event()
         self.closing = False
+        self.leaving = False  # finishing up after SIGTERM: no new tasks
+        self._all_idle: asyncio.Future | None = None  # set when leaving and no task runs any more
         self._welcome: asyncio.Future | None = None
         self._out_started: list[int] = []
         self._out_results: list[tuple[int, str, list[Any], Any]] = []
+        self._out_output: list[tuple[list[Any], list[Any]]] = []  # ([gid, pid, stream, dropped], [data])
+        self._output_dropped: dict[tuple[int, int], int] = {}  # (gid, pid) → bytes dropped while backlogged
         self._flush_scheduled = False
         self._started_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -134,7 +144,8 @@ class Agent:
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
                                              on_messages=self._on_master_messages, on_lost=self._on_master_lost),
-                    sock=sock)
+                    sock=sock, ssl=self.ssl_context, server_hostname=host if self.ssl_context else None,
+                    ssl_handshake_timeout=max(0.1, deadline - time.monotonic()) if self.ssl_context else None)
                 self.conn = conn
                 try:
                     await asyncio.wait_for(asyncio.shield(self._welcome), max(0.1, deadline - time.monotonic()))
@@ -148,6 +159,11 @@ class Agent:
             except (OSError, P.ProtocolError) as e:
                 if self.closing:
                     raise ConnectionError("stopped") from None
+                if isinstance(e, ssl.SSLError):
+                    message, final = tls_failure(e, f"the master at {host}:{port}")
+                    if final:  # a certificate or TLS/plaintext mismatch: retrying cannot help
+                        raise P.AuthenticationError(message) from None
+                    e = ConnectionError(message)
                 if time.monotonic() + delay > deadline:
                     reason = str(e) or "no answer"
                     raise ConnectionError(f"cannot reach the master at {host}:{port}: {reason}") from None
@@ -197,6 +213,46 @@ class Agent:
                 self._reap(proc)
         self.closed.set()
 
+    async def leave(self, grace: float) -> None:
+        """Leave the cluster without losing work (SIGTERM, Ctrl-C): take no new tasks and hand the queued
+        ones back at once; give the running ones `grace` seconds to finish and send their results; hand back
+        whatever still runs then, and stop. The master requeues what it gets back, charging no retry."""
+        if self.leaving or self.closing:
+            return
+        self.leaving = True
+        running = sum(p.task is not None for p in self.procs.values())
+        began = time.monotonic()
+        log.info("leaving: handing back %d queued tasks; waiting up to %g s for %d running ones",
+                 len(self.queue), grace, running)
+        self._hand_back([t.id for t in self.queue])
+        self.queue.clear()
+        if running and grace > 0:
+            self._all_idle = self._loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._all_idle), grace)
+            except TimeoutError:
+                pass
+        unfinished = [p for p in self.procs.values() if p.task is not None]
+        if unfinished:
+            log.warning("leaving: %d tasks still running after %.1f s; handing them back", len(unfinished),
+                        time.monotonic() - began)
+            for proc in unfinished:
+                proc.dropped = True  # not a loss: the master hears "handed back" instead
+            self._hand_back([p.task.id for p in unfinished])
+        await self.stop()
+
+    def hurry(self) -> None:
+        """Stop waiting for running tasks: hand them back now."""
+        if self._all_idle is not None and not self._all_idle.done():
+            self._all_idle.set_result(None)
+
+    def _hand_back(self, gids: list[int]) -> None:
+        conn = self.conn
+        if conn is None or conn.closed:
+            return
+        self._flush()  # results of finished tasks go first
+        conn.send({"t": "leaving", "ids": gids})
+
     # ------------------------------------------------------------------------------------------ master link
 
     def _on_master_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
@@ -208,7 +264,11 @@ class Agent:
             h = msg.header
             try:
                 if t == "tasks":
-                    self.queue.extend(P.decode_tasks(h["tasks"], msg.buffers, self.cache))
+                    tasks = P.decode_tasks(h["tasks"], msg.buffers, self.cache)
+                    if self.leaving:
+                        self._hand_back([task.id for task in tasks])
+                    else:
+                        self.queue.extend(tasks)
                 elif t == "ping":
                     conn.send({"t": "pong"})
                 elif t == "cancel":
@@ -217,6 +277,8 @@ class Agent:
                     self._drop([int(g) for g in h["ids"]])
                 elif t == "kill":
                     self._kill_tasks([int(g) for g in h["ids"]])
+                elif t == "shutdown":
+                    log.warning("the master is shutting down (%s)", h.get("reason", "no reason given"))
                 elif t == "welcome":
                     log.info("connected to master %s:%s as node %s with %d processes",
                              *self.address, h.get("id"), self.nprocs)
@@ -286,6 +348,8 @@ class Agent:
         self.cache = P.BlobLRU()
         self._out_started = []
         self._out_results = []
+        self._out_output = []
+        self._output_dropped = {}
 
     async def _reconnect(self) -> None:
         try:
@@ -356,7 +420,13 @@ class Agent:
         if conn is None or conn.closed:
             self._out_started.clear()
             self._out_results.clear()
+            self._out_output.clear()
             return
+        if self._out_output:  # before the results, which may end the tasks that printed it
+            for group in P.in_frames(self._out_output, lambda o: P.nbytes(o[1]), self.max_frame):
+                conn.send({"t": "output", "items": [item for item, _ in group]},
+                          [data for _, bufs in group for data in bufs])
+            self._out_output = []
         if self._out_results:
             for group in P.in_frames(self._out_results, P.result_size, self.max_frame):
                 items, buffers = P.encode_results(group)
@@ -366,6 +436,11 @@ class Agent:
     # ------------------------------------------------------------------------------------------ processes
 
     def _dispatch(self) -> None:
+        if self.leaving:
+            if self._all_idle is not None and not self._all_idle.done() and all(
+                    p.task is None for p in self.procs.values()):
+                self._all_idle.set_result(None)
+            return
         if not self.queue:
             return
         for proc in self.procs.values():
@@ -422,6 +497,9 @@ class Agent:
     def _on_proc_messages(self, conn: FramedConnection, messages: list[P.Message]) -> None:
         proc: _Proc = conn.state
         for msg in messages:
+            if msg.type == "output":
+                self._task_output(proc, msg)
+                continue
             if msg.type != "result":
                 raise P.ProtocolError(f"unexpected {msg.type!r} from a task process")
             h = msg.header
@@ -438,6 +516,9 @@ class Agent:
                 proc.deadline = None
             if proc.dropped:
                 continue
+            lost_output = self._output_dropped.pop((task.id, proc.pid), 0)
+            if lost_output:
+                self._out_output.append(([task.id, proc.pid, 2, lost_output], [b""]))
             size = P.nbytes(msg.buffers)
             if size > self.max_frame:  # the master would refuse the frame: fail this task alone
                 self._out_results.append((task.id, "error", [], {
@@ -448,6 +529,25 @@ class Agent:
             else:
                 self._out_results.append((task.id, h["s"], msg.buffers, h.get("i")))
         self._dispatch()
+        self._schedule_flush()
+
+    def _task_output(self, proc: _Proc, msg: P.Message) -> None:
+        """What a task printed: on to the master, unless the link to it is backed up (then counted, dropped)."""
+        task = proc.task
+        h = msg.header
+        if task is None or task.id != h["id"] or proc.dropped:
+            return
+        key = (task.id, proc.pid)
+        dropped = int(h.get("dropped", 0))
+        if _backlog(self.conn) > OUTPUT_BACKLOG:
+            self._output_dropped[key] = self._output_dropped.get(key, 0) + dropped + P.nbytes(msg.buffers)
+            return
+        dropped += self._output_dropped.pop(key, 0)
+        for stream, data in zip(h["s"], msg.buffers, strict=True):
+            self._out_output.append(([task.id, proc.pid, int(stream), dropped], [data]))
+            dropped = 0
+        if dropped:
+            self._out_output.append(([task.id, proc.pid, 2, dropped], [b""]))
         self._schedule_flush()
 
     def _on_proc_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
@@ -544,6 +644,20 @@ def _no_op(conn: FramedConnection) -> None:
     pass
 
 
+OUTPUT_BACKLOG = 8 << 20  # bytes waiting to go to the master beyond which task output is dropped
+
+
+def _backlog(conn: Any) -> int:
+    """Bytes written to a connection that the peer has not taken yet."""
+    transport = getattr(conn, "transport", None)
+    if transport is None:
+        return 0
+    try:
+        return transport.get_write_buffer_size()
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 # ================================================================================================ task process
 
 
@@ -569,9 +683,11 @@ PHASES = ("waiting for a task", "unpickling the function", "running the initiali
 class _TaskRunner:
     """State of one task process: the functions it has unpickled, initializers it has run."""
 
-    def __init__(self, sock: socket.socket, phase: mmap.mmap):
+    def __init__(self, sock: socket.socket, phase: mmap.mmap, output: _Output | None = None):
         self.sock = sock
         self.phase = phase
+        self.output = output
+        self.send_lock = output.lock if output is not None else threading.Lock()
         self.functions: dict[str, Any] = {}
         self.cache = P.BlobLRU(on_evict=self._evicted)
         self.initialized: dict[str, BaseException | None] = {}
@@ -599,13 +715,21 @@ class _TaskRunner:
                 if msg.type != "run":
                     continue
                 for task in P.decode_tasks(msg.header["tasks"], msg.buffers, self.cache):
+                    opts = task.opts or {}
+                    output = self.output
+                    if output is not None:
+                        output.begin(task.id, opts.get("out", 1))
                     status, bufs, info = self.run(task)
                     self.tasks_run += 1
                     self.phase[0] = _SENDING_RESULT
-                    _send_all(sock, P.encode({"t": "result", "id": task.id, "s": status, "i": info}, bufs))
+                    if output is not None:
+                        output.flush_streams()
+                    with self.send_lock:
+                        if output is not None:
+                            output.end()  # the task's output travels ahead of its result
+                        _send_all(sock, P.encode({"t": "result", "id": task.id, "s": status, "i": info}, bufs))
                     self.phase[0] = _IDLE
                     del bufs
-                    opts = task.opts or {}
                     mtpc = opts.get("mtpc")
                     if mtpc and self.tasks_run >= mtpc:
                         return
@@ -632,6 +756,7 @@ class _TaskRunner:
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
+            _note_missing_module(exc)
             phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             return "raise", bufs, info
@@ -647,6 +772,7 @@ class _TaskRunner:
             try:
                 values.append(fn(*args))
             except BaseException as exc:  # noqa: BLE001
+                _note_missing_module(exc)
                 self.phase[0] = _PICKLING_EXCEPTION
                 bufs, info = S.dumps_exception(exc)
                 self.phase[0] = _PICKLING_RESULT
@@ -677,6 +803,130 @@ class _TaskRunner:
         self.initialized[blob.hash] = None
 
 
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+OUTPUT_DELAY = 0.02  # seconds output waits in a task process for more to send along with it
+OUTPUT_LIMIT = 1 << 20  # bytes of output a task process holds unsent; more is dropped, and the loss reported
+
+
+class _Output:
+    """Captures what the task process writes to file descriptors 1 and 2 (print, warnings, logging, C code,
+    child processes alike) through pipes, and sends it to the agent tagged with the running task.
+
+    A reader thread drains the pipes and sends what it found OUTPUT_DELAY later, batched. When a task ends,
+    its own thread drains them before sending the result, so a task's output always travels ahead of its
+    result. A task whose executor said ``output=False``, and output written between tasks, goes to the
+    worker's own stdout and stderr instead. Unsent output is bounded by OUTPUT_LIMIT: a task printing in a
+    loop is slowed down by the pipe, then loses lines (and the client is told how many bytes), but never
+    makes anyone's memory grow."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()  # guards the socket, `pending` and the task tag
+        self.task_id: int | None = None
+        self.forward = True
+        self.pending: list[tuple[int, bytes]] = []  # (1 for stdout or 2 for stderr, data)
+        self.size = 0
+        self.dropped = 0
+        self.original = {1: os.dup(1), 2: os.dup(2)}
+        self.readers: dict[int, int] = {}  # pipe's read end → the descriptor it captures
+        for fd in (1, 2):
+            r, w = os.pipe()
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, 1 << 20)  # room for bursts between two reads of the pump
+            except OSError:
+                pass
+            os.dup2(w, fd)
+            os.close(w)
+            os.set_blocking(r, False)
+            self.readers[r] = fd
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None and hasattr(stream, "reconfigure"):
+                stream.reconfigure(line_buffering=True)  # a pipe would make stdout block-buffered
+        self._idle_check = select.poll()
+        for r in self.readers:
+            self._idle_check.register(r, select.POLLIN)
+        threading.Thread(target=self._pump, name="clusterexec-output", daemon=True).start()
+
+    def begin(self, task_id: int, forward: Any) -> None:
+        with self.lock:
+            self.task_id = task_id
+            self.forward = bool(forward)
+
+    def flush_streams(self) -> None:
+        """Push what Python still buffers into the pipes (outside the lock: a full pipe waits for the pump)."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def end(self) -> None:
+        """The task is over: send all its output now. Call with `lock` held, just before its result."""
+        if self._idle_check.poll(0):
+            self._drain()
+        self._send()
+        self.task_id = None
+
+    def _pump(self) -> None:
+        poller = select.poll()
+        for r in self.readers:
+            poller.register(r, select.POLLIN)
+        while True:
+            poller.poll()
+            # Keep reading for OUTPUT_DELAY (the pipes must not fill and stall the task), then send it all in
+            # one message; sooner when much has piled up.
+            deadline = time.monotonic() + OUTPUT_DELAY
+            while True:
+                with self.lock:
+                    self._drain()
+                    if self.size >= OUTPUT_LIMIT // 2:
+                        self._send()
+                left = deadline - time.monotonic()
+                if left <= 0 or not poller.poll(left * 1000):
+                    break
+            with self.lock:
+                self._drain()
+                self._send()
+
+    def _drain(self) -> None:
+        for r, fd in self.readers.items():
+            while True:
+                try:
+                    data = os.read(r, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                if self.task_id is None or not self.forward:
+                    _write_all(self.original[fd], data)
+                elif self.size + len(data) > OUTPUT_LIMIT:
+                    self.dropped += len(data)
+                else:
+                    self.pending.append((fd, data))
+                    self.size += len(data)
+
+    def _send(self) -> None:
+        if not (self.pending or self.dropped) or self.task_id is None:
+            return
+        header = {"t": "output", "id": self.task_id, "s": [fd for fd, _ in self.pending]}
+        if self.dropped:
+            header["dropped"] = self.dropped
+        _send_all(self.sock, P.encode(header, [data for _, data in self.pending]))
+        self.pending = []
+        self.size = 0
+        self.dropped = 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except OSError:
+            return
+
+
 def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
     """Send a frame's pieces without joining them: a large result is not copied on its way out."""
     views = [memoryview(p).cast("B") for p in pieces]
@@ -689,6 +939,12 @@ def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
             else:
                 views[0] = views[0][sent:]
                 sent = 0
+
+
+def _note_missing_module(exc: BaseException) -> None:
+    hint = S.missing_module_hint(exc)
+    if hint:
+        exc.add_note(hint)
 
 
 class _InitializerFailed(Exception):
@@ -724,8 +980,13 @@ def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:
     os.closerange(4, 65536)
     sock = socket.socket(fileno=3)
     sock.setblocking(True)
+    # Start as a fresh interpreter would: the agent's log handlers write to the worker's terminal, and
+    # its INFO level would let a task's logging.info through to nowhere in particular.
+    logging.root.handlers.clear()
+    logging.root.setLevel(logging.WARNING)
+    output = _Output(sock)
     try:
-        _TaskRunner(sock, phase).serve()
+        _TaskRunner(sock, phase, output).serve()
     except (ConnectionError, OSError):
         pass
     finally:
@@ -749,13 +1010,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconnect-window", type=float, default=60.0,
                         help="seconds to keep trying to reach a master that went away, e.g. to restart "
                              "(default 60; 0 exits at once)")
+    parser.add_argument("--grace", type=float, default=30.0, metavar="S",
+                        help="on SIGTERM or Ctrl-C, seconds running tasks get to finish before they are handed "
+                             "back to the master (default 30; a second signal hands them back at once)")
+    add_tls_arguments(parser, "this worker node's")
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     try:
         address = parse_address(args.address)
         key, _ = resolve_key(args.authkey, args.authkey_file)
-    except (ValueError, MissingKeyError, OSError) as e:
+        args.ssl_context = tls_from_arguments(args, server=False)
+    except (ValueError, MissingKeyError, OSError) as e:  # TLSConfigError is a ValueError
         print(f"clusterexec.worker: {e}", file=sys.stderr)
         return 2
     if args.nprocs is not None and args.nprocs < 1:
@@ -769,10 +1035,18 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _run(address: tuple[str, int], key: bytes, args: argparse.Namespace) -> int:
     agent = Agent(address, key, args.nprocs, connect_timeout=args.connect_timeout,
-                  reconnect_window=args.reconnect_window)
+                  reconnect_window=args.reconnect_window, ssl_context=args.ssl_context)
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        # The first signal leaves gracefully; a second one (an impatient Ctrl-C) hands back at once.
+        if agent.leaving:
+            agent.hurry()
+        else:
+            loop.create_task(agent.leave(args.grace))
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: loop.create_task(agent.stop()))
+        loop.add_signal_handler(sig, on_signal)
     try:
         await agent.start()
     except (ConnectionError, P.ProtocolError) as e:

@@ -695,7 +695,8 @@ def test_kill_a_queued_task_it_never_runs(cluster, tmp_path):
         wait_until(lambda: all(f.running() for f in blockers), what="both processes to be busy")
         queued = [ex.submit(touch_and_return, str(tmp_path / f"ran-{i}"), i) for i in range(6)]
         # Two wait prefetched on the node, four in the master's queue: kill one of each.
-        cluster.wait_for(lambda i: i["queued"] == 4 and i["workers"][0]["busy"] == 4, what="the queue to settle")
+        cluster.wait_for(lambda i: i["queued_at_master"] == 4 and i["workers"][0]["assigned"] == 4,
+                         what="the queue to settle")
         try:
             assert ex.kill(queued[0]) is True
             assert ex.kill(queued[5]) is True
