@@ -60,9 +60,18 @@ def create_key_file(path: Path) -> bytes:
     """Write a fresh random key readable by its owner only; returns it. Never overwrites a file."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key + b"\n")
+    # Written whole under a temporary name, then linked into place (which fails if the file exists): a
+    # worker started at the same moment finds either no key file or the whole key, never an empty file.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
     return key
 
 
@@ -79,8 +88,11 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
         if not path.exists():
             if not create:
                 raise MissingKeyError(f"key file {path} does not exist")
-            create_key_file(path)
-            log.info("created key file %s", path)
+            try:
+                create_key_file(path)
+                log.info("created key file %s", path)
+            except FileExistsError:
+                pass  # another master made it just now: use theirs
         return read_key_file(path), f"key file {path}"
     env = os.environ.get(ENV_KEY)
     if env:
@@ -89,7 +101,10 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
     if path.exists():
         return read_key_file(path), f"key file {path}"
     if create:
-        key = create_key_file(path)
+        try:
+            key = create_key_file(path)
+        except FileExistsError:  # another master made it just now: use theirs
+            return read_key_file(path), f"key file {path}"
         log.info("created key file %s", path)
         return key, f"key file {path} (new)"
     raise MissingKeyError(

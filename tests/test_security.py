@@ -652,3 +652,33 @@ def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(clu
     assert grown < 8 * 1024 * 1024, f"the master grew by {grown / 2**20:.1f} MiB over 180 bad connections"
     with cluster.executor() as ex:
         assert ex.submit(pow, 2, 5).result(timeout=10) == 32
+
+
+@pytest.mark.timeout(60)
+def test_a_key_file_being_created_is_never_seen_empty(tmp_path):
+    """Master and workers started at the same moment: a reader finds no key file or the whole key."""
+
+    from clusterexec.auth import create_key_file, read_key_file
+
+    seen: list[object] = []
+    for i in range(200):
+        path = tmp_path / f"key{i}"
+        stop = threading.Event()
+
+        def reader(path=path, stop=stop):
+            while not stop.is_set():
+                if path.exists():
+                    try:
+                        seen.append(read_key_file(path))
+                    except Exception as e:  # noqa: BLE001 - what a worker would have died of
+                        seen.append(e)
+                    return
+
+        t = threading.Thread(target=reader)
+        t.start()
+        key = create_key_file(path)
+        stop.set()
+        t.join()
+        assert not [s for s in seen if not isinstance(s, bytes) or s != key], seen
+        seen.clear()
+    assert not list(tmp_path.glob(".key*")), "temporary files left behind"
