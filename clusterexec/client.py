@@ -46,6 +46,7 @@ from .errors import (
     TaskTimeout,
     WorkerLostError,
 )
+from .progress import output_above_bars
 
 log = logging.getLogger("clusterexec.client")
 
@@ -757,15 +758,18 @@ class TaskOutput:
 
     @staticmethod
     def _emit(out: dict[int, list[str]]) -> None:
-        for stream, lines in out.items():
-            if not lines:
-                continue
-            target = sys.stdout if stream == 1 else sys.stderr
-            try:
-                target.write("".join(lines))
-                target.flush()
-            except (OSError, ValueError, AttributeError):
-                pass  # closed or missing: nowhere to write, and no reason to fail the tasks
+        if not out[1] and not out[2]:
+            return
+        with output_above_bars():
+            for stream, lines in out.items():
+                if not lines:
+                    continue
+                target = sys.stdout if stream == 1 else sys.stderr
+                try:
+                    target.write("".join(lines))
+                    target.flush()
+                except (OSError, ValueError, AttributeError):
+                    pass  # closed or missing: nowhere to write, and no reason to fail the tasks
 
 
 def error_from_info(status: str, info: dict[str, Any]) -> BaseException:

@@ -266,7 +266,9 @@ class ClusterExecutor(Executor):
         finally:
             _cancel_all(futures)
             if bar is not None:
-                bar.close()
+                from .progress import finish
+
+                finish(bar)
 
     # ------------------------------------------------------------------------------------------ shutdown
 

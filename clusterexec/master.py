@@ -664,6 +664,13 @@ def _remove_address_file(path: str) -> None:
 async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
     master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
                     max_frame=args.max_frame_mb << 20, ssl_context=args.ssl_context)
+    # Signals first: a SIGTERM right after start (say, scancel) still stops cleanly and removes the
+    # address file.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    received: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
     try:
         host, port = await master.start(args.host, args.port)
     except OSError as e:
@@ -695,11 +702,6 @@ async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
         from .worker import Agent
         agent = Agent(("127.0.0.1", port), key, nprocs=args.workers)
         await agent.start(link=master.local_link())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    received: list[str] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (received.append(s.name), stop.set()))
     await stop.wait()
     reason = f"the master received {received[0] if received else 'a stop request'}"
     log.info("shutting down (%s); telling %d clients and %d worker nodes", reason,

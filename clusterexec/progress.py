@@ -9,15 +9,49 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+_bars: set[Any] = set()  # bars on screen now: task output is written above them, not through them
 
 
 def start(total: int | None, description: str) -> Any:
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return LineProgress(total, description)
-    return tqdm(total=total, desc=description, unit="task", smoothing=0.1)
+        bar: Any = LineProgress(total, description)
+    else:
+        bar = tqdm(total=total, desc=description, unit="task", smoothing=0.1)
+    _bars.add(bar)
+    return bar
+
+
+def finish(bar: Any) -> None:
+    _bars.discard(bar)
+    bar.close()
+
+
+@contextmanager
+def output_above_bars() -> Iterator[None]:
+    """Around writing task output: take the progress bars off the screen, then draw them again below."""
+    if not _bars:
+        yield
+        return
+    bars = list(_bars)
+    tqdm_bars = [b for b in bars if not isinstance(b, LineProgress)]
+    lines = [b for b in bars if isinstance(b, LineProgress)]
+    for bar in lines:
+        bar.clear()
+    try:
+        if tqdm_bars:
+            with type(tqdm_bars[0]).external_write_mode():
+                yield
+        else:
+            yield
+    finally:
+        for bar in lines:
+            bar.redraw()
 
 
 class LineProgress:
@@ -53,6 +87,17 @@ class LineProgress:
                 self._draw(time.monotonic())
             if self.tty:
                 self._write("\n")
+
+    def clear(self) -> None:
+        if self.tty:
+            with self._lock:
+                self._write("\r\x1b[K")
+
+    def redraw(self) -> None:
+        if self.tty:
+            with self._lock:
+                if not self._closed:
+                    self._draw(time.monotonic())
 
     def _draw(self, now: float) -> None:
         self._drawn = self.n

@@ -222,8 +222,11 @@ class Agent:
         self.leaving = True
         running = sum(p.task is not None for p in self.procs.values())
         began = time.monotonic()
-        log.info("leaving: handing back %d queued tasks; waiting up to %g s for %d running ones",
-                 len(self.queue), grace, running)
+        if running and grace > 0:
+            log.info("leaving: handing back %d queued tasks; giving %d running ones up to %g s to finish",
+                     len(self.queue), running, grace)
+        else:
+            log.info("leaving: handing back %d queued and %d running tasks", len(self.queue), running)
         self._hand_back([t.id for t in self.queue])
         self.queue.clear()
         if running and grace > 0:
