@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -128,11 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, MissingKeyError, OSError, ClusterError) as e:
         print(f"clusterexec.status: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        json.dump(info, sys.stdout, indent=2, sort_keys=True)
-        print()
-    else:
-        print(render(info))
+    try:
+        if args.json:
+            json.dump(info, sys.stdout, indent=2, sort_keys=True)
+            print()
+        else:
+            print(render(info))
+        sys.stdout.flush()
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
