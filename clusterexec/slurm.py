@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .auth import add_tls_arguments
 from .errors import ClusterError
 
 __all__ = ["SlurmError", "SlurmCluster", "JobState", "master_address", "start", "status", "stop", "job_states",
@@ -103,6 +104,22 @@ class SlurmCluster:
     authkey_file: str | None = None
     submitted: float = 0.0
     address: str | None = None  # known once the master is up
+    tls: list[str] | None = None  # [cert, key, ca], absolute paths, when the cluster uses TLS
+
+    @property
+    def tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        cert, key, ca = self.tls
+        return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]
+
+    def ssl_context(self) -> Any:
+        """The client-side TLS context for talking to this cluster's master, or None."""
+        if not self.tls:
+            return None
+        from .auth import tls_context
+
+        return tls_context(False, *self.tls)
 
     @property
     def state_file(self) -> Path:
@@ -127,7 +144,7 @@ class SlurmCluster:
     def save(self) -> None:
         data = {"name": self.name, "master_job": self.master_job, "worker_jobs": self.worker_jobs,
                 "nprocs": self.nprocs, "authkey_file": self.authkey_file, "submitted": self.submitted,
-                "submit_host": socket.gethostname()}
+                "submit_host": socket.gethostname(), "tls": self.tls}
         _write_atomically(self.state_file, json.dumps(data, indent=1) + "\n")
 
     @classmethod
@@ -145,7 +162,8 @@ class SlurmCluster:
             raise SlurmError(f"cannot read the state of cluster {name!r} from {path}: {e}") from None
         return cls(name=name, state_dir=state_dir, master_job=str(data["master_job"]),
                    worker_jobs=[str(j) for j in data.get("worker_jobs", [])], nprocs=int(data.get("nprocs", 1)),
-                   authkey_file=data.get("authkey_file"), submitted=float(data.get("submitted", 0.0)))
+                   authkey_file=data.get("authkey_file"), submitted=float(data.get("submitted", 0.0)),
+                   tls=[str(p) for p in data["tls"]] if data.get("tls") else None)
 
     def read_address(self) -> dict[str, Any] | None:
         """The master's address record, if the master of *this* cluster's job wrote one."""
@@ -317,15 +335,17 @@ def _cancel(job_ids: Sequence[str]) -> None:
 
 def start(workers: int = 1, *, nprocs: int = 1, name: str = DEFAULT_NAME, partition: str | None = None,
           time_limit: str | None = None, sbatch_args: Sequence[str] = (), state_dir: str | os.PathLike | None = None,
-          timeout: float = 120.0, wait_workers: bool = False, authkey_file: str | None = None) -> SlurmCluster:
+          timeout: float = 120.0, wait_workers: bool = False, authkey_file: str | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None, tls_ca: str | None = None) -> SlurmCluster:
     """Submit a master job and `workers` worker jobs of `nprocs` task processes each; return once the master
     listens (and, with `wait_workers`, once every worker node has joined it).
 
     `sbatch_args` go to every sbatch call (`["--account=me", "--qos=short"]`). On any failure, or when the
     jobs do not start within `timeout` seconds, the jobs submitted so far are cancelled and `SlurmError` says
-    which jobs, in which state and why, and where their logs are.
+    which jobs, in which state and why, and where their logs are. With `tls_cert`, `tls_key` and `tls_ca`
+    (files on the shared file system), master and workers use TLS, all three with that one certificate.
     """
-    from .auth import resolve_key
+    from .auth import resolve_key, tls_context
 
     if workers < 0 or nprocs < 1:
         raise ValueError("need workers >= 0 and nprocs >= 1")
@@ -347,11 +367,16 @@ def start(workers: int = 1, *, nprocs: int = 1, name: str = DEFAULT_NAME, partit
     # Make sure the key exists before any job needs it (the master would create the default one, but the
     # workers and this process must find the same key).
     key, _ = resolve_key(None, authkey_file, create=True)
+    tls = None
+    if tls_cert or tls_key or tls_ca:
+        tls_context(False, tls_cert, tls_key, tls_ca)  # a bad certificate stops here, not in the jobs
+        tls = [str(Path(p).expanduser().absolute()) for p in (tls_cert, tls_key, tls_ca)]
     cluster = SlurmCluster(name=name, state_dir=directory, master_job="", nprocs=nprocs,
                            authkey_file=str(Path(authkey_file).expanduser().absolute()) if authkey_file else None,
-                           submitted=time.time())
+                           submitted=time.time(), tls=tls)
     cluster.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key_args = ["--authkey-file", cluster.authkey_file] if cluster.authkey_file else []
+    key_args += cluster.tls_args
     try:
         cluster.master_job = _submit(
             _sbatch_argv(cluster, "master", 1, partition, time_limit, sbatch_args),
@@ -426,7 +451,7 @@ def _wait_for_workers(cluster: SlurmCluster, key: bytes, deadline: float, timeou
     from .client import ClientConnection
 
     conn = ClientConnection(parse_address(cluster.address or ""), key, name="clusterexec.slurm start",
-                            connect_timeout=max(1.0, deadline - time.monotonic()))
+                            connect_timeout=max(1.0, deadline - time.monotonic()), ssl_context=cluster.ssl_context())
     try:
         while True:
             joined = len(conn.status()["workers"])
@@ -482,7 +507,7 @@ def status(name: str | None = None, state_dir: str | os.PathLike | None = None,
         try:
             key, _ = resolve_key(None, cluster.authkey_file)
             conn = ClientConnection(parse_address(record["address"]), key, name="clusterexec.slurm status",
-                                    connect_timeout=probe_timeout)
+                                    connect_timeout=probe_timeout, ssl_context=cluster.ssl_context())
             try:
                 result["info"] = conn.status(timeout=probe_timeout)
                 result["answers"] = True
@@ -526,6 +551,7 @@ def _run_master(args: argparse.Namespace) -> int:
             "--advertise-host", node_address()]
     if args.authkey_file:
         argv += ["--authkey-file", args.authkey_file]
+    argv += _tls_argv(args)
     sys.stdout.flush()
     os.execv(sys.executable, argv)  # the master itself receives scancel's SIGTERM and removes the file
 
@@ -556,8 +582,15 @@ def _run_worker(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "clusterexec.worker", str(record["address"]), "--nprocs", str(args.nprocs)]
     if args.authkey_file:
         argv += ["--authkey-file", args.authkey_file]
+    argv += _tls_argv(args)
     print(f"clusterexec.slurm: master of cluster {args.name!r} is at {record['address']}", flush=True)
     os.execv(sys.executable, argv)
+
+
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    if not args.tls_cert:
+        return []
+    return ["--tls-cert", args.tls_cert, "--tls-key", args.tls_key, "--tls-ca", args.tls_ca]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -607,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-workers", action="store_true", help="also wait until every worker node has joined")
     p.add_argument("--authkey-file", help="key file for master, workers and clients (default: as usual, "
                                           "~/.clusterexec/authkey, created if missing)")
+    add_tls_arguments(p, "master's and workers'")
     p = sub.add_parser("status", help="show the jobs and whether the master answers")
     common(p)
     p = sub.add_parser("stop", help="scancel the jobs and forget the cluster")
@@ -619,6 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(role)
         common(p)
         p.add_argument("--authkey-file")
+        add_tls_arguments(p, "this job's")
         if role == "_worker":
             p.add_argument("--master-job", required=True)
             p.add_argument("--nprocs", type=int, default=1)
@@ -630,11 +665,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             cluster = start(args.workers, nprocs=args.nprocs, name=args.name, partition=args.partition,
                             time_limit=args.time_limit, sbatch_args=extra, state_dir=args.state_dir,
-                            timeout=args.timeout, wait_workers=args.wait_workers, authkey_file=args.authkey_file)
+                            timeout=args.timeout, wait_workers=args.wait_workers, authkey_file=args.authkey_file,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
             opts = _name_opt(cluster.name)
             if args.state_dir:
                 opts += f" --state-dir {shlex.quote(str(cluster.state_dir))}"
             slurm_arg = "True" if cluster.name == DEFAULT_NAME else repr(cluster.name)
+            if cluster.tls:
+                slurm_arg += ", tls_cert=..., tls_key=..., tls_ca=..."
             jobs = job_states(cluster.worker_jobs)
             workers = ", ".join(jobs[j].describe() for j in cluster.worker_jobs) or "(none)"
             print(f"clusterexec master of SLURM cluster {cluster.name!r} listening at {cluster.address}\n"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -218,3 +220,76 @@ def read_frame(sock):
         msgs = reader.feed(data)
         if msgs:
             return msgs[0]
+
+
+# ------------------------------------------------------------------------------------------ TLS certificates
+
+_LEAF_EXTENSIONS = """\
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth, clientAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = IP:127.0.0.1, DNS:localhost
+"""
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
+
+
+def _make_ca(directory: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "3", "-subj", f"/CN=clusterexec test {name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-addext", "subjectKeyIdentifier=hash", cwd=directory)
+
+
+def _make_leaf(directory: Path, name: str, ca: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", "-subj", f"/CN=clusterexec test {name}", cwd=directory)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-set_serial",
+             str(int.from_bytes(name.encode(), "big")), "-days", "3", "-extfile", "leaf.ext",
+             "-out", f"{name}.pem", cwd=directory)
+    (directory / f"{name}.key").chmod(0o600)
+
+
+class Certs:
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def flags(self, who: str, ca: str = "ca") -> list[str]:
+        """--tls-* arguments for a master or worker presenting certificate `who` and trusting CA `ca`."""
+        return ["--tls-cert", self.path(f"{who}.pem"), "--tls-key", self.path(f"{who}.key"),
+                "--tls-ca", self.path(f"{ca}.pem")]
+
+    def kwargs(self, who: str = "client", ca: str = "ca") -> dict[str, str]:
+        """ClusterExecutor arguments for certificate `who`, trusting CA `ca`."""
+        return {"tls_cert": self.path(f"{who}.pem"), "tls_key": self.path(f"{who}.key"),
+                "tls_ca": self.path(f"{ca}.pem")}
+
+    def context(self, who: str = "client", ca: str = "ca") -> ssl.SSLContext:
+        from clusterexec.auth import tls_context
+
+        kw = self.kwargs(who, ca)
+        return tls_context(server=False, cert=kw["tls_cert"], key=kw["tls_key"], ca=kw["tls_ca"])
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Certs:
+    """A cluster CA with master, worker and client certificates, and a rogue CA with a certificate of its own."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command line tool is needed to generate the test certificates")
+    directory = tmp_path_factory.mktemp("tls")
+    (directory / "leaf.ext").write_text(_LEAF_EXTENSIONS)
+    _make_ca(directory, "ca")
+    for name in ("master", "worker", "client"):
+        _make_leaf(directory, name, "ca")
+    _make_ca(directory, "rogue-ca")
+    _make_leaf(directory, "rogue", "rogue-ca")
+    return Certs(directory)

@@ -148,6 +148,7 @@ def test_a_flooding_task_cannot_fill_the_masters_memory(tmp_path):
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             assert client.stderr.readline().startswith(b"SUBMITTED")
+            c.wait_for(lambda info: info["running"] == 1, what="the flood to start")  # not just queued
             client.send_signal(signal.SIGSTOP)
             peak = before
             deadline = time.monotonic() + 6

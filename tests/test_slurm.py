@@ -21,7 +21,7 @@ import pytest
 from conftest import _env, wait_until
 
 import clusterexec.slurm as cs
-from clusterexec import ClusterExecutor
+from clusterexec import AuthenticationError, ClusterExecutor
 from clusterexec.client import ClientConnection
 
 
@@ -179,6 +179,33 @@ def test_status_lists_the_jobs_and_says_the_master_answers(running):
     assert "answers: 2 worker node(s), 4 task process(es)" in proc.stdout
     st = cs.status(running.name, running.state_dir)
     assert st["answers"] and [j["job_id"] for j in st["jobs"]] == running.recorded_jobs()
+
+
+@pytest.mark.timeout(150)
+def test_a_tls_cluster_on_slurm(slurm, certs, monkeypatch):
+    """start --tls-*: master and worker jobs use TLS; start, status and a TLS client get through, a plaintext
+    client is refused."""
+    proc = slurm.cli("start", "--workers", "1", "--nprocs", "2", "--wait-workers", "--timeout", "60",
+                     *certs.flags("master"))
+    assert proc.returncode == 0, proc.stderr
+    assert "tls_cert=" in proc.stdout
+    master, worker = slurm.recorded_jobs()
+    monkeypatch.setenv(cs.ENV_STATE_DIR, str(slurm.state_dir))
+    with ClusterExecutor(slurm=slurm.name, **certs.kwargs("client")) as ex:
+        assert {job for _, job in ex.map(task_job_id, range(10))} == {worker}
+    st = slurm.cli("status")
+    assert st.returncode == 0 and "answers: 1 worker node(s)" in st.stdout, st.stdout + st.stderr
+    with pytest.raises(AuthenticationError, match="requires TLS"):
+        ClusterExecutor(slurm=slurm.name)
+    assert slurm.cli("stop").returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_start_with_a_bad_certificate_fails_before_submitting(slurm, certs):
+    proc = slurm.cli("start", "--workers", "1", "--tls-cert", certs.path("master.pem"), "--tls-ca",
+                     certs.path("ca.pem"))
+    assert proc.returncode == 1 and "tls" in proc.stderr.lower(), proc.stderr
+    assert slurm.recorded_jobs() == [] and slurm.queued_jobs() == []
 
 
 @pytest.mark.timeout(120)

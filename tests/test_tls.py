@@ -7,7 +7,6 @@ certificates it signs; a rogue CA with a certificate of its own) and runs real m
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -17,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, _env
+from conftest import Certs, Cluster, _env, wait_until
 
 from clusterexec import AuthenticationError, ClusterExecutor, ClusterUnavailable, TLSConfigError
 from clusterexec.address import parse_address
@@ -38,77 +37,6 @@ def echo(data):
 def slow_square(x):
     time.sleep(0.3)
     return x * x
-
-
-# ================================================================================================ certificates
-
-_LEAF_EXTENSIONS = """\
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature, keyEncipherment
-extendedKeyUsage = serverAuth, clientAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-subjectAltName = IP:127.0.0.1, DNS:localhost
-"""
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr}")
-
-
-def _make_ca(directory: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "3", "-subj", f"/CN=clusterexec test {name}",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-             "-addext", "subjectKeyIdentifier=hash", cwd=directory)
-
-
-def _make_leaf(directory: Path, name: str, ca: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", f"{name}.key",
-             "-out", f"{name}.csr", "-subj", f"/CN=clusterexec test {name}", cwd=directory)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-set_serial",
-             str(int.from_bytes(name.encode(), "big")), "-days", "3", "-extfile", "leaf.ext",
-             "-out", f"{name}.pem", cwd=directory)
-    (directory / f"{name}.key").chmod(0o600)
-
-
-class Certs:
-    def __init__(self, directory: Path):
-        self.dir = directory
-
-    def path(self, name: str) -> str:
-        return str(self.dir / name)
-
-    def flags(self, who: str, ca: str = "ca") -> list[str]:
-        """--tls-* arguments for a master or worker presenting certificate `who` and trusting CA `ca`."""
-        return ["--tls-cert", self.path(f"{who}.pem"), "--tls-key", self.path(f"{who}.key"),
-                "--tls-ca", self.path(f"{ca}.pem")]
-
-    def kwargs(self, who: str = "client", ca: str = "ca") -> dict[str, str]:
-        """ClusterExecutor arguments for certificate `who`, trusting CA `ca`."""
-        return {"tls_cert": self.path(f"{who}.pem"), "tls_key": self.path(f"{who}.key"),
-                "tls_ca": self.path(f"{ca}.pem")}
-
-    def context(self, who: str = "client", ca: str = "ca") -> ssl.SSLContext:
-        kw = self.kwargs(who, ca)
-        return tls_context(server=False, cert=kw["tls_cert"], key=kw["tls_key"], ca=kw["tls_ca"])
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory) -> Certs:
-    """A cluster CA with master, worker and client certificates, and a rogue CA with a certificate of its own."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command line tool is needed to generate the test certificates")
-    directory = tmp_path_factory.mktemp("tls")
-    (directory / "leaf.ext").write_text(_LEAF_EXTENSIONS)
-    _make_ca(directory, "ca")
-    for name in ("master", "worker", "client"):
-        _make_leaf(directory, name, "ca")
-    _make_ca(directory, "rogue-ca")
-    _make_leaf(directory, "rogue", "rogue-ca")
-    return Certs(directory)
 
 
 # ================================================================================================ cluster
@@ -268,7 +196,7 @@ def test_plaintext_client_is_told_the_master_requires_tls(tls_cluster):
     with pytest.raises(AuthenticationError, match="requires TLS"):
         ClusterExecutor(tls_cluster.address, authkey=tls_cluster.key, connect_timeout=20)
     assert time.monotonic() - start < 15
-    assert "did not start TLS" in tls_cluster.master_log()
+    wait_until(lambda: "did not start TLS" in tls_cluster.master_log(), what="the master to log the refusal")
     with tls_cluster.executor() as ex:  # the master goes on serving TLS clients
         assert ex.submit(square, 7).result(timeout=30) == 49
 
@@ -284,7 +212,8 @@ def test_client_with_a_certificate_from_another_ca_is_refused_by_the_master(tls_
     with pytest.raises(AuthenticationError, match="refused our certificate"):
         ClusterExecutor(tls_cluster.address, authkey=tls_cluster.key, connect_timeout=10,
                         **tls_cluster.certs.kwargs("rogue"))
-    assert "TLS handshake failed" in tls_cluster.master_log()
+    # The master logs it just after refusing us: give its log a moment.
+    wait_until(lambda: "TLS handshake failed" in tls_cluster.master_log(), what="the master to log the refusal")
     with tls_cluster.executor() as ex:
         assert ex.submit(square, 3).result(timeout=30) == 9
 
@@ -302,7 +231,7 @@ def test_worker_with_a_certificate_from_another_ca_never_joins(tls_master):
     done = _run_worker(tls_master, *tls_master.certs.flags("rogue"))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "refused our certificate" in done.stderr
-    assert "TLS handshake failed" in tls_master.master_log()
+    wait_until(lambda: "TLS handshake failed" in tls_master.master_log(), what="the master to log the refusal")
     assert tls_master.info()["workers"] == []
 
 
