@@ -30,7 +30,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import __version__
+from . import __version__, shm
 from . import protocol as P
 from . import serialization as S
 from .auth import tls_failure
@@ -634,8 +634,10 @@ class ClientConnection:
                 resolved = []
                 for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
                     record = self._pending.pop(item[0], None)
-                    if record is None:
-                        continue  # a duplicate after a retry: the first delivery won
+                    if record is None:  # a duplicate after a retry: the first delivery won
+                        if isinstance(item[3], dict) and item[3].get("shm"):
+                            shm.remove([bufs[i] for i in item[3]["shm"]])
+                        continue
                     record.state = DONE
                     record.task = None
                     resolved.append((record, item[1], bufs, item[3]))
@@ -696,6 +698,12 @@ class ClientConnection:
         future = record.future
         if status == "ok":
             try:
+                if info and info.get("shm"):
+                    try:
+                        bufs = shm.restore(bufs, info["shm"], unlink=True)
+                    except (OSError, ValueError) as e:
+                        raise SerializationError(f"error unpickling the result: its shared memory is gone: {e}",
+                                                 phase="unpickling the result") from None
                 value = S.loads(bufs, "unpickling the result")
             except SerializationError as e:
                 _set_exception(future, e)

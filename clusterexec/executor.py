@@ -23,6 +23,7 @@ from concurrent.futures import Executor, Future
 from typing import Any
 
 from . import serialization as S
+from . import shm
 from .address import DEFAULT_PORT, parse_address
 from .auth import resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
@@ -93,6 +94,7 @@ class ClusterExecutor(Executor):
                 self._local.stop()
             raise
         self.address = f"{host_port[0]}:{host_port[1]}"
+        self._shm_prefix = self._local.shm_prefix if self._local is not None else None
         self._max_workers = max_workers or max(1, self._conn.procs)
         self._opts: dict[str, Any] = {}
         self._init_blob = None
@@ -129,7 +131,19 @@ class ClusterExecutor(Executor):
         except SerializationError as e:
             return _failed(e)
         opts = {**self._opts, **extra} if extra else self._opts
-        return self._conn.submit(self._deps(blob), bufs, opts or None)
+        return self._send(self._deps(blob), bufs, opts, False)
+
+    def _send(self, deps: list[Any], bufs: list[Any], opts: dict[str, Any], chunk: bool) -> Future:
+        """Queue one task; in local mode its large buffers go through shared memory."""
+        moved: list[int] = []
+        if self._shm_prefix is not None and any(len(b) >= shm.MIN_SIZE for b in bufs):
+            bufs, moved = shm.offload(bufs, self._shm_prefix)
+        if not moved:
+            return self._conn.submit(deps, bufs, opts or None, chunk=chunk)
+        markers = [bufs[i] for i in moved]
+        future = self._conn.submit(deps, bufs, {**opts, "shm": moved}, chunk=chunk)
+        future.add_done_callback(lambda _: shm.remove(markers))  # its retries are over too
+        return future
 
     def options(self, *, timeout: float | None = None, retries: int | None = None) -> TaskOptions:
         """The same executor with per-call task options, keeping every keyword free for your function.
@@ -209,7 +223,6 @@ class ClusterExecutor(Executor):
         opts = {**self._opts, **(extra or {})}
         if chunked:
             opts["chunk"] = 1
-        conn = self._conn
         bar = _progress_bar(iterables, getattr(fn, "__name__", "map")) if progress else None
 
         def make(item: Any) -> Future:
@@ -221,7 +234,7 @@ class ClusterExecutor(Executor):
                 except SerializationError as e:
                     future = _failed(e)
                 else:
-                    future = conn.submit(deps, bufs, opts or None, chunk=chunked)
+                    future = self._send(deps, bufs, opts, chunked)
             if bar is not None:
                 n = len(item) if chunked else 1
                 future.add_done_callback(lambda _: bar.update(n))

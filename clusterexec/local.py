@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from . import shm
 from .errors import ClusterUnavailable
 
 
@@ -39,6 +40,8 @@ class LocalCluster:
     def __init__(self, nprocs: int, startup_timeout: float = 60.0):
         self.key = secrets.token_bytes(32)
         self.nprocs = nprocs
+        # Large arguments and results go through shared memory rather than the sockets (see shm.py).
+        self.shm_prefix = shm.new_prefix() if shm.available() else None
         read_fd, write_fd = os.pipe()
         try:
             self.process = subprocess.Popen(
@@ -47,7 +50,7 @@ class LocalCluster:
         finally:
             os.close(write_fd)
         try:
-            config = {"key": self.key.hex(), "nprocs": nprocs, "sys_path": sys.path}
+            config = {"key": self.key.hex(), "nprocs": nprocs, "sys_path": sys.path, "shm_prefix": self.shm_prefix}
             self.process.stdin.write(json.dumps(config).encode() + b"\n")
             self.process.stdin.flush()
             port = self._read_port(read_fd, startup_timeout)
@@ -88,6 +91,8 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if self.shm_prefix:
+            shm.remove_prefix(self.shm_prefix)
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -98,6 +103,9 @@ async def _child(config: dict, port_fd: int) -> None:
     from .worker import Agent
 
     key = bytes.fromhex(config["key"])
+    prefix = config.get("shm_prefix")
+    if prefix:
+        os.environ[shm.ENV_PREFIX] = prefix  # for the task processes the agent forks
     master = Master(key)
     _, port = await master.start("127.0.0.1", 0)
     agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
@@ -123,6 +131,8 @@ async def _child(config: dict, port_fd: int) -> None:
     loop.remove_reader(stdin.fileno())
     await agent.stop()
     master.close()
+    if prefix:
+        shm.remove_prefix(prefix)  # segments of results never collected, of a client that died
 
 
 def _main() -> None:

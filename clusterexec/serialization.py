@@ -41,10 +41,40 @@ def dumps(obj: Any, phase: str) -> list[Any]:
         return False
 
     try:
-        main = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=callback)
+        main = cloudpickle.dumps(_big_bytes_out_of_band(obj, 3), protocol=PROTOCOL, buffer_callback=callback)
     except (Exception, SystemExit) as e:  # a __reduce__ calling sys.exit() is a pickling failure too
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     return [main, *oob]
+
+
+class _OutOfBandBytes:
+    """Pickles a large `bytes` as an out-of-band buffer (pickle copies `bytes` into its stream otherwise),
+    and unpickles as the same `bytes`."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _big_bytes_out_of_band(obj: Any, depth: int) -> Any:
+    """`obj` with the large `bytes` near its top (an argument, an item of `map`, a result) wrapped to travel
+    out of band; everything else untouched."""
+    kind = type(obj)
+    if kind is bytes:
+        return _OutOfBandBytes(obj) if len(obj) >= _OOB_MIN else obj
+    if depth <= 0:
+        return obj
+    if kind is tuple or kind is list:
+        items = [_big_bytes_out_of_band(item, depth - 1) for item in obj]
+        return kind(items) if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
+    if kind is dict and obj:
+        wrapped = {k: _big_bytes_out_of_band(v, depth - 1) for k, v in obj.items()}
+        return wrapped if any(wrapped[k] is not v for k, v in obj.items()) else obj
+    return obj
 
 
 def loads(buffers: list[Any], phase: str) -> Any:

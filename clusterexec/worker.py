@@ -38,6 +38,7 @@ import cloudpickle
 
 from . import protocol as P
 from . import serialization as S
+from . import shm
 from .address import DEFAULT_PORT, parse_address
 from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
 from .connection import FramedConnection, LinkEnd
@@ -691,6 +692,7 @@ class _TaskRunner:
         self.phase = phase
         self.output = output
         self.send_lock = output.lock if output is not None else threading.Lock()
+        self.shm_prefix = os.environ.get(shm.ENV_PREFIX)  # local mode: large results via shared memory
         self.functions: dict[str, Any] = {}
         self.cache = P.BlobLRU(on_evict=self._evicted)
         self.initialized: dict[str, BaseException | None] = {}
@@ -725,6 +727,10 @@ class _TaskRunner:
                     status, bufs, info = self.run(task)
                     self.tasks_run += 1
                     self.phase[0] = _SENDING_RESULT
+                    if self.shm_prefix and status == "ok" and any(len(b) >= shm.MIN_SIZE for b in bufs):
+                        bufs, moved = shm.offload(bufs, self.shm_prefix)
+                        if moved:
+                            info = {"shm": moved}
                     if output is not None:
                         output.flush_streams()
                     with self.send_lock:
@@ -747,7 +753,14 @@ class _TaskRunner:
                 phase[0] = _INITIALIZING
                 self._initialize(task.deps[1])
             phase[0] = _UNPICKLING_ARGS
-            payload = S.loads(task.bufs, "unpickling the arguments")
+            bufs = task.bufs
+            if opts.get("shm"):
+                try:
+                    bufs = shm.restore(bufs, opts["shm"])
+                except (OSError, ValueError) as e:
+                    raise S.SerializationError(f"error unpickling the arguments: their shared memory is gone: {e}",
+                                               phase="unpickling the arguments") from None
+            payload = S.loads(bufs, "unpickling the arguments")
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
         except _InitializerFailed as e:
