@@ -69,9 +69,11 @@ def _big_bytes_out_of_band(obj: Any, depth: int) -> Any:
     if depth <= 0:
         return obj
     if kind is tuple or kind is list:
+        if len(obj) > 8:  # a chunk of map items, a list of results: not worth a walk per item
+            return obj
         items = [_big_bytes_out_of_band(item, depth - 1) for item in obj]
         return kind(items) if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
-    if kind is dict and obj:
+    if kind is dict and 0 < len(obj) <= 8:
         wrapped = {k: _big_bytes_out_of_band(v, depth - 1) for k, v in obj.items()}
         return wrapped if any(wrapped[k] is not v for k, v in obj.items()) else obj
     return obj
