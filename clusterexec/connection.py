@@ -179,6 +179,22 @@ class FramedConnection(asyncio.Protocol):
             self.transport.close()
 
 
+# Bytes written to a connection and not yet taken by its peer beyond which task output is dropped (and
+# counted) rather than buffered: a task printing in a loop must not fill the agent's or the master's memory.
+OUTPUT_BACKLOG = 8 << 20
+
+
+def backlog(conn: Any) -> int:
+    """Bytes written to a connection that its peer has not taken yet (0 for an in-process link)."""
+    transport = getattr(conn, "transport", None)
+    if transport is None:
+        return 0
+    try:
+        return transport.get_write_buffer_size()
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 def _ignore_lost(conn: FramedConnection, exc: BaseException | None) -> None:
     pass
 

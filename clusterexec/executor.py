@@ -136,7 +136,7 @@ class ClusterExecutor(Executor):
     def _send(self, deps: list[Any], bufs: list[Any], opts: dict[str, Any], chunk: bool) -> Future:
         """Queue one task; in local mode its large buffers go through shared memory."""
         moved: list[int] = []
-        if self._shm_prefix is not None and any(len(b) >= shm.MIN_SIZE for b in bufs):
+        if self._shm_prefix is not None:
             bufs, moved = shm.offload(bufs, self._shm_prefix)
         if not moved:
             return self._conn.submit(deps, bufs, opts or None, chunk=chunk)

@@ -37,7 +37,7 @@ from . import __version__
 from . import protocol as P
 from .address import DEFAULT_PORT
 from .auth import MissingKeyError, TLSConfigError, add_tls_arguments, resolve_key, tls_from_arguments
-from .connection import HANDSHAKE_TIMEOUT, FramedConnection, LinkEnd, local_link
+from .connection import HANDSHAKE_TIMEOUT, OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
@@ -295,7 +295,7 @@ class Master:
             conn = self._client_conn.get(cid)
             if conn is None:
                 continue
-            if _backlog(conn) > OUTPUT_BACKLOG:
+            if backlog(conn) > OUTPUT_BACKLOG:
                 lost = self._output_dropped.setdefault(cid, {})
                 key = (ts.task.id, host, int(pid))
                 lost[key] = lost.get(key, 0) + len(data) + int(dropped)
@@ -435,7 +435,7 @@ class Master:
         """Tell a client how much output it lost: for tasks ending now, at once (a few bytes, ahead of
         their results); for the others, once it has caught up."""
         lost = self._output_dropped[client.id]
-        if _backlog(conn) <= OUTPUT_BACKLOG // 2:
+        if backlog(conn) <= OUTPUT_BACKLOG // 2:
             keys = list(lost)
         else:
             ending = {r[0] for r in client.out_results}
@@ -558,15 +558,6 @@ def _transport_peer(transport: asyncio.BaseTransport) -> str:
     return "?"
 
 
-OUTPUT_BACKLOG = 8 << 20  # bytes unsent to a client beyond which task output for it is dropped
-
-
-def _backlog(conn: Any) -> int:
-    transport = getattr(conn, "transport", None)
-    try:
-        return transport.get_write_buffer_size() if transport is not None else 0
-    except (AttributeError, RuntimeError):
-        return 0
 
 
 def advertised_host(bound: str) -> str:

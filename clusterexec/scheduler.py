@@ -131,9 +131,7 @@ class Scheduler:
                 self._has_room(node)
         client.tasks.clear()
         client.queue.clear()
-        ring = self._rings.get(client.compat)
-        if ring is not None and client in ring:
-            ring.remove(client)
+        self._leave_ring(client)
         for key, request in list(self._cancels.items()):
             if request.client is client:
                 del self._cancels[key]
@@ -231,6 +229,12 @@ class Scheduler:
         if ring is None:
             ring = self._rings[client.compat] = deque()
         return ring
+
+    def _leave_ring(self, client: ClientState) -> None:
+        """It has nothing queued any more: take it out of its ring."""
+        ring = self._rings.get(client.compat)
+        if ring is not None and client in ring:
+            ring.remove(client)
 
     def _attempt_failed(self, ts: TaskState, info: dict[str, Any]) -> None:
         # A suspect that now fails again after a confirmed start probably killed that earlier node too.
@@ -410,9 +414,7 @@ class Scheduler:
                 break
             self._finish(ts, "error", [], dict(info))
             failed += 1
-        ring = self._rings.get(client.compat)
-        if ring is not None and client in ring:
-            ring.remove(client)
+        self._leave_ring(client)
         return failed
 
     def queued(self) -> int:

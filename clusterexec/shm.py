@@ -87,16 +87,19 @@ def remove_prefix(prefix: str) -> None:
 
 
 def offload(buffers: list[Any], prefix: str) -> tuple[list[Any], list[int]]:
-    """Move the large buffers to shared memory: the new buffer list and the indices now holding markers."""
+    """Move the large buffers to shared memory: the new buffer list and the indices now holding markers
+    (the list itself, and no index, when none is large)."""
+    large = [i for i, buf in enumerate(buffers) if memoryview(buf).nbytes >= MIN_SIZE]
+    if not large:
+        return buffers, []
     moved: list[int] = []
     out = list(buffers)
-    for i, buf in enumerate(buffers):
-        if memoryview(buf).nbytes >= MIN_SIZE:
-            try:
-                out[i] = put(buf, prefix)
-            except OSError:
-                continue  # no room in /dev/shm: this one goes through the socket
-            moved.append(i)
+    for i in large:
+        try:
+            out[i] = put(buffers[i], prefix)
+        except OSError:
+            continue  # no room in /dev/shm: this one goes through the socket
+        moved.append(i)
     return out, moved
 
 

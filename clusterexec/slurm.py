@@ -500,19 +500,13 @@ def status(name: str | None = None, state_dir: str | os.PathLike | None = None,
     elif jobs[cluster.master_job].state not in RUNNING_STATES:
         result["error"] = f"the master job is {jobs[cluster.master_job].state}"
     else:
-        from .address import parse_address
         from .auth import resolve_key
-        from .client import ClientConnection
+        from .status import fetch
 
         try:
             key, _ = resolve_key(None, cluster.authkey_file)
-            conn = ClientConnection(parse_address(record["address"]), key, name="clusterexec.slurm status",
-                                    connect_timeout=probe_timeout, ssl_context=cluster.ssl_context())
-            try:
-                result["info"] = conn.status(timeout=probe_timeout)
-                result["answers"] = True
-            finally:
-                conn.close()
+            result["info"] = fetch(record["address"], key, timeout=probe_timeout, ssl_context=cluster.ssl_context())
+            result["answers"] = True
         except Exception as e:  # any failure to talk to it is the answer to "does it answer?"
             result["error"] = f"{type(e).__name__}: {e}"
     return result

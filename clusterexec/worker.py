@@ -41,7 +41,7 @@ from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
 from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
-from .connection import FramedConnection, LinkEnd
+from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog
 from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
@@ -543,7 +543,7 @@ class Agent:
             return
         key = (task.id, proc.pid)
         dropped = int(h.get("dropped", 0))
-        if _backlog(self.conn) > OUTPUT_BACKLOG:
+        if backlog(self.conn) > OUTPUT_BACKLOG:
             self._output_dropped[key] = self._output_dropped.get(key, 0) + dropped + P.nbytes(msg.buffers)
             return
         dropped += self._output_dropped.pop(key, 0)
@@ -648,18 +648,6 @@ def _no_op(conn: FramedConnection) -> None:
     pass
 
 
-OUTPUT_BACKLOG = 8 << 20  # bytes waiting to go to the master beyond which task output is dropped
-
-
-def _backlog(conn: Any) -> int:
-    """Bytes written to a connection that the peer has not taken yet."""
-    transport = getattr(conn, "transport", None)
-    if transport is None:
-        return 0
-    try:
-        return transport.get_write_buffer_size()
-    except (AttributeError, RuntimeError):
-        return 0
 
 
 # ================================================================================================ task process
@@ -727,7 +715,7 @@ class _TaskRunner:
                     status, bufs, info = self.run(task)
                     self.tasks_run += 1
                     self.phase[0] = _SENDING_RESULT
-                    if self.shm_prefix and status == "ok" and any(len(b) >= shm.MIN_SIZE for b in bufs):
+                    if self.shm_prefix and status == "ok":
                         bufs, moved = shm.offload(bufs, self.shm_prefix)
                         if moved:
                             info = {"shm": moved}
