@@ -187,6 +187,16 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
         time.sleep(0.02)
 
 
+def reap(proc: subprocess.Popen) -> None:
+    """End a process the test started if it still runs, collect it, and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+
+
 def is_gone(pid: int) -> bool:
     """The process has exited (or is a zombie nobody has reaped yet)."""
     import psutil

@@ -20,6 +20,7 @@ from concurrent.futures import wait
 
 import psutil
 import pytest
+from conftest import reap
 
 N_TASKS = 5_000
 NODES = 3
@@ -237,8 +238,4 @@ def test_chaos_every_task_completes_correctly_exactly_once(empty_cluster):
         # masters we killed (already reaped; only their pipes are left to close).
         cluster.stop()
         for old in chaos.old_masters:
-            if old.poll() is None:
-                old.kill()
-                old.wait()
-            if old.stdout:
-                old.stdout.close()
+            reap(old)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import reap
 
 from clusterexec import ClusterExecutor
 
@@ -1059,9 +1060,7 @@ def test_script_exiting_with_the_executor_open_leaves_no_process_behind(tmp_path
         assert proc.returncode == 0, err
         assert_all_gone(pids)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 @pytest.mark.parametrize("kind", ["process", "local"])
@@ -1074,9 +1073,7 @@ def test_pending_task_completes_when_a_script_exits_with_the_executor_open(tmp_p
         assert marker.exists(), "the task submitted before exit did not run"
         assert_all_gone(pids)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_local_mode_leaves_no_process_behind_when_the_user_process_is_killed(tmp_path):
@@ -1088,9 +1085,7 @@ def test_local_mode_leaves_no_process_behind_when_the_user_process_is_killed(tmp
         proc.wait(DEADLINE)
         assert_all_gone(pids)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        reap(proc)
 
 
 def test_a_buffered_map_consumed_after_shutdown_yields_what_was_in_flight_then_raises():

@@ -20,7 +20,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
-from conftest import agent_children, is_gone, wait_until
+from conftest import agent_children, is_gone, reap, wait_until
 
 import clusterexec
 from clusterexec import ClusterError, ClusterUnavailable, RemoteError, SerializationError, WorkerLostError
@@ -361,10 +361,7 @@ def test_client_killed_mid_map_frees_the_workers_for_other_clients(cluster):
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(5)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
-            doomed.wait()
-        doomed.stdout.close()
+        reap(doomed)
     with cluster.executor() as ex:
         t0 = time.monotonic()
         assert ex.submit(square, 7).result(timeout=RESULT_TIMEOUT) == 49

@@ -14,7 +14,7 @@ import warnings
 
 import psutil
 import pytest
-from conftest import Cluster, _env, wait_until
+from conftest import Cluster, _env, reap, wait_until
 
 from clusterexec import ClusterExecutor
 from clusterexec.client import TaskOutput
@@ -158,9 +158,7 @@ def test_a_flooding_task_cannot_fill_the_masters_memory(tmp_path):
             client.send_signal(signal.SIGCONT)
             rest = client.communicate(timeout=60)[1].decode()
         finally:
-            if client.poll() is None:
-                client.kill()
-                client.wait()
+            reap(client)
         assert client.returncode == 0, rest
         printed = int(rest.split("PRINTED", 1)[1].split()[0]) * 1001
         assert printed > 100 << 20, "the task should have printed far more than the master may buffer"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Cluster, _env, agent_children, is_gone, read_frame, recv_exact, wait_until
+from conftest import Cluster, _env, agent_children, is_gone, read_frame, reap, recv_exact, wait_until
 
 from clusterexec import (
     ClusterExecutor,
@@ -436,7 +436,7 @@ def test_node_busy_moving_a_frame_longer_than_the_heartbeat_timeout_is_not_presu
         assert _worker_ids(cluster.info(), node.pid) == ids
     finally:
         if node is not None:
-            _stop(node)
+            reap(node)
         link.close()
 
 
@@ -540,10 +540,7 @@ def test_client_killed_has_its_running_tasks_killed_on_the_node_and_others_get_t
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(5)
     finally:
-        if doomed.poll() is None:
-            doomed.kill()
-            doomed.wait()
-        doomed.stdout.close()
+        reap(doomed)
     t0 = time.monotonic()
     # Its running tasks are killed on the node, and their processes replaced.
     wait_until(lambda: all(is_gone(pid) for pid in task_pids), timeout=5, what="the dead client's tasks to die")
@@ -881,12 +878,6 @@ def _start_agent(address: str, key_file: Path, log_path: Path, *extra: str) -> s
         log.close()
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture
 def key_file(tmp_path):
     key = os.urandom(16).hex()
@@ -919,7 +910,7 @@ def test_agent_closes_a_connection_carrying_garbage_logs_it_retries_and_gives_up
         code = agent.wait(15)
         elapsed = time.monotonic() - t0
     finally:
-        _stop(agent)
+        reap(agent)
         fake.close()
     log = _read(log_path)
     assert code == 1, log
@@ -952,7 +943,7 @@ def test_agent_presumes_a_silent_master_lost_and_reconnects(tmp_path, key_file):
     try:
         code = agent.wait(15)
     finally:
-        _stop(agent)
+        reap(agent)
         fake.close()
     log = _read(log_path)
     assert code == 1, log
@@ -1038,7 +1029,7 @@ def test_agent_gives_up_on_an_unresponsive_master_within_its_window(tmp_path, ke
             code = agent.wait(10)
             elapsed = time.monotonic() - t0
         finally:
-            _stop(agent)
+            reap(agent)
     finally:
         target.close()
     log = _read(log_path)

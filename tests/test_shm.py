@@ -11,7 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import _env, is_gone, wait_until
+from conftest import _env, is_gone, reap, wait_until
 
 from clusterexec import ClusterExecutor
 from clusterexec import shm as SHM
@@ -104,7 +104,4 @@ def test_a_killed_client_leaves_no_segment_behind(tmp_path):
         wait_until(lambda: is_gone(int(child)), timeout=20, what="the local cluster to stop")
         assert not segments(prefix)
     finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
-        client.stdout.close()
+        reap(client)

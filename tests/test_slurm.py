@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import _env, wait_until
+from conftest import _env, reap, wait_until
 
 import clusterexec.slurm as cs
 from clusterexec import AuthenticationError, ClusterExecutor
@@ -338,8 +338,4 @@ def test_master_writes_its_address_file_and_removes_it_on_sigterm(tmp_path):
         assert master.wait(15) == 0
         assert not path.exists()
     finally:
-        if master.poll() is None:
-            master.kill()
-            master.wait()
-        master.stdout.close()
-        master.stderr.close()
+        reap(master)
