@@ -271,6 +271,8 @@ class Master:
             sched.started(nid, [int(g) for g in h["ids"]])
         elif t == "pong":
             pass  # its arrival is the point
+        elif t == "prefetch":
+            sched.set_prefetch(nid, int(h["n"]))
         elif t == "leaving":
             back = sched.node_leaving(nid, [int(g) for g in h["ids"]])
             log.info("worker node %d is leaving; it handed back %d tasks", nid, len(back))

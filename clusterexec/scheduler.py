@@ -24,6 +24,7 @@ from typing import Any
 from .protocol import Task
 
 DEFAULT_RETRIES = 2
+MAX_PREFETCH = 4096  # tasks a node may ask for ahead of time (quick ones; see `set_prefetch`)
 
 
 @dataclass(slots=True, eq=False)
@@ -143,6 +144,15 @@ class Scheduler:
         self.nodes[node_id] = node
         self._has_room(node)
         return node
+
+    def set_prefetch(self, node_id: int, n: int) -> None:
+        """A node running quick tasks asks for `n` of them ahead of time (0: back to the default), to keep its
+        task processes' pipelines full. Not when the master was given a fixed prefetch, nor while leaving."""
+        node = self.nodes.get(node_id)
+        if node is None or node.capacity == 0 or self.prefetch is not None:
+            return
+        node.capacity = max(1, node.nprocs + max(node.nprocs, min(n, MAX_PREFETCH)))
+        self._has_room(node)
 
     def _has_room(self, node: NodeState) -> None:
         """A slot of `node` may have come free: let `schedule` look at it."""
