@@ -37,7 +37,7 @@ from . import __version__
 from . import protocol as P
 from .address import DEFAULT_PORT
 from .auth import MissingKeyError, TLSConfigError, add_tls_arguments, resolve_key, tls_from_arguments
-from .connection import HANDSHAKE_TIMEOUT, OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link
+from .connection import HANDSHAKE_TIMEOUT, OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link, loop_is_idle
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
@@ -107,6 +107,7 @@ class Master:
     def local_link(self) -> LinkEnd:
         """An in-process connection for an agent running in this event loop; returns the agent's end."""
         mine, theirs = local_link(self._loop)
+        mine.direct = True  # tasks reach the agent at once; its results come back a loop iteration later
         mine.bind(_no_op, self._on_messages, self._on_lost)
         return theirs
 
@@ -197,7 +198,10 @@ class Master:
                 raise P.ProtocolError(f"malformed {msg.type!r} message: {type(e).__name__}: {e}") from None
             if conn.closed:
                 return
-        self._schedule_flush()
+        if not self._flush_scheduled and loop_is_idle(self._loop):
+            self._flush()  # nothing else to batch this with: one loop iteration sooner
+        else:
+            self._schedule_flush()
 
     def _hello(self, conn: FramedConnection, header: dict[str, Any]) -> None:
         role = header["role"]

@@ -20,6 +20,7 @@ import asyncio
 import ctypes
 import fcntl
 import gc
+import itertools
 import logging
 import mmap
 import os
@@ -42,7 +43,7 @@ from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
 from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
-from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog
+from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, loop_is_idle
 from .local import default_nprocs
 
 log = logging.getLogger("clusterexec.worker")
@@ -52,6 +53,7 @@ STARTED_DELAY = 0.002  # seconds a task runs before the master (and the Future) 
 # it runs, about PIPELINE_WORK seconds of them (at most PIPELINE_MAX), so it finds its next task waiting
 # instead of sleeping until the agent is scheduled again. A task that takes PIPELINE_WORK or longer is sent
 # to an idle process only, as before; so is one with a time limit, max_tasks_per_child or a suspect past.
+CHUNK_OF_ITEMS = 2  # opts["chunk"]: the chunk holds items of one iterable, not argument tuples (1)
 PIPELINE_WORK = 0.005
 PIPELINE_MAX = 64
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
@@ -579,7 +581,10 @@ class Agent:
             if head is not None and head.id in proc.skip and not proc.killed:
                 self._kill_for(proc, head.id, None)  # it has started a task nobody wants any more
         self._dispatch()
-        self._schedule_flush()
+        if not self._flush_scheduled and loop_is_idle(self._loop):
+            self._flush()  # no other process's results to wait for in this loop iteration
+        else:
+            self._schedule_flush()
 
     def _task_result(self, proc: _Proc, item: list[Any], bufs: list[memoryview]) -> None:
         gid, status, _, info = item
@@ -900,7 +905,7 @@ class _TaskRunner:
             return _error_result(e.error, kind="initializer", phase="running the initializer")
         phase[0] = _RUNNING
         if opts.get("chunk"):
-            return self._run_chunk(fn, payload)
+            return self._run_chunk(fn, payload, opts["chunk"] == CHUNK_OF_ITEMS)
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)
@@ -915,22 +920,24 @@ class _TaskRunner:
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _run_chunk(self, fn: Any, arglist: list[tuple]) -> tuple[str, list[Any], Any]:
-        values = []
-        for args in arglist:
+    def _run_chunk(self, fn: Any, chunk: Any, items: bool) -> tuple[str, list[Any], Any]:
+        """A map chunk: argument tuples, or (`items`) the items of a single iterable, a range perhaps.
+
+        `list.extend` keeps what it appended when the iterator raises: the values before the failing item."""
+        values: list[Any] = []
+        try:
+            values.extend(map(fn, chunk) if items else itertools.starmap(fn, chunk))
+        except BaseException as exc:  # noqa: BLE001
+            _note_missing_module(exc)
+            self.phase[0] = _PICKLING_EXCEPTION
+            bufs, info = S.dumps_exception(exc)
+            self.phase[0] = _PICKLING_RESULT
             try:
-                values.append(fn(*args))
-            except BaseException as exc:  # noqa: BLE001
-                _note_missing_module(exc)
-                self.phase[0] = _PICKLING_EXCEPTION
-                bufs, info = S.dumps_exception(exc)
-                self.phase[0] = _PICKLING_RESULT
-                try:
-                    partial = S.dumps(values, "pickling the result")
-                except S.SerializationError as e:
-                    return _error_result(e, kind="serialization", phase=e.phase)
-                info["npartial"] = len(partial)
-                return "raise", [*partial, *bufs], info
+                partial = S.dumps(values, "pickling the result")
+            except S.SerializationError as e:
+                return _error_result(e, kind="serialization", phase=e.phase)
+            info["npartial"] = len(partial)
+            return "raise", [*partial, *bufs], info
         self.phase[0] = _PICKLING_RESULT
         try:
             return "ok", S.dumps(values, "pickling the result"), None
