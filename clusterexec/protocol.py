@@ -335,8 +335,15 @@ def encode_tasks(tasks: Iterable[tuple[int, Task]], sent: BlobLRU) -> tuple[list
     return entries, buffers
 
 
+SMALL_BUFFER = 4096  # a task's buffers smaller than this are copied out of their frame (see decode_tasks)
+
+
 def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> list[Task]:
-    """Inverse of `encode_tasks`; raises `ProtocolError` for malformed entries or unknown blobs."""
+    """Inverse of `encode_tasks`; raises `ProtocolError` for malformed entries or unknown blobs.
+
+    Queued tasks are many, so each should be small: tasks share one `Blob` object per blob (the cache
+    keeps it), and a small buffer is copied out of its frame (a `bytes` of a few dozen bytes is smaller than
+    a view, and it does not keep the whole frame alive until the frame's last task is done)."""
     tasks = []
     pos = 0
     try:
@@ -346,13 +353,15 @@ def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> lis
                 if is_inline:
                     data = buffers[pos]
                     pos += 1
-                    cache.add(h, data.nbytes, data)
+                    cache.add(h, data.nbytes, Blob(h, data))
                 elif not cache.touch(h):
                     raise ProtocolError(f"task refers to blob {h} that was never sent")
-                deps.append(Blob(h, cache.get(h)))
+                deps.append(cache.get(h))
             if pos + nbufs > len(buffers) or nbufs < 0:
                 raise ProtocolError("task entry claims more buffers than the frame has")
-            tasks.append(Task(int(task_id), deps, buffers[pos : pos + nbufs], opts))
+            tasks.append(Task(int(task_id), deps,
+                              [b.tobytes() if b.nbytes < SMALL_BUFFER else b for b in buffers[pos : pos + nbufs]],
+                              opts))
             pos += nbufs
     except (TypeError, ValueError, IndexError) as e:
         raise ProtocolError(f"malformed task entry: {e}") from None
