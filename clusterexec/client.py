@@ -55,6 +55,12 @@ _MAX_IOV = 512
 _TLS_RECV = 1 << 16  # more than a TLS record (16 KiB); small enough to stay a cheap allocation
 _TLS_RECV_BUDGET = 4 << 20
 _TLS_JOIN = 1 << 16  # small pieces are joined up to this size before encryption
+# Plain TCP reads: recv(n) allocates n bytes first, and glibc serves a 1 MiB allocation with mmap + mremap +
+# munmap and page faults (~15 µs a read), a 64 KiB one from its heap. Large reads only while reads come back
+# full, that is while a large frame streams in.
+_RECV_SMALL = 1 << 16
+_RECV_LARGE = 1 << 20
+_JOIN_BELOW = 1 << 10  # pieces of a frame smaller than this are copied together before sending
 
 
 class PartialChunk:
@@ -67,11 +73,43 @@ class PartialChunk:
         self.error = error
 
 
+class _Condition(threading.Condition):
+    """A Future's Condition without the five bound methods of its lock that threading.Condition stores in
+    each instance: a Future is made per task, and while thousands are pending the garbage collector
+    traverses every one of those objects again and again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._waiters = deque()
+
+    def acquire(self, *args: Any) -> bool:
+        return self._lock.acquire(*args)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def _release_save(self) -> Any:
+        return self._lock._release_save()
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)
+
+    def _is_owned(self) -> bool:
+        return self._lock._is_owned()
+
+
 class ClusterFuture(Future):
     """A Future whose `cancel()` asks the cluster, so it succeeds only if the task has not started."""
 
     def __init__(self) -> None:
-        super().__init__()
+        # Future.__init__ with a lighter Condition (see _Condition); tests/test_client_fastpaths.py checks
+        # that these are still all the attributes Future.__init__ sets.
+        self._condition = _Condition()
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Any] = []
         self._cx_record: _Record | None = None
 
     def cancel(self) -> bool:
@@ -231,20 +269,41 @@ class ClientConnection:
         self._tls_retry = False  # OpenSSL wants the head of _wbuf again, unchanged
         self._tls_read_wants_write = False  # a TLS read must first send (a key update): wait until writable
         self._wbuf: deque[memoryview] = deque()
+        self._recv_size = _RECV_SMALL
 
     # ------------------------------------------------------------------------------------------ callers
 
     def submit(self, deps: list[P.Blob], bufs: list[Any], opts: dict[str, Any] | None, chunk: bool = False,
                future: ClusterFuture | None = None) -> ClusterFuture:
         future = future or ClusterFuture()
+        task = P.Task(0, deps, bufs, opts)
         with self._lock:
             if self.broken is not None:
                 raise ClusterUnavailable(f"the connection to the master is gone: {self.broken}")
-            record = _Record(self, next(self._ids), future, P.Task(0, deps, bufs, opts), chunk)
+            record = _Record(self, next(self._ids), future, task, chunk)
             future._cx_record = record
             self._outbox.append(record)
             self._wake_locked()
         return future
+
+    def submit_many(self, deps: list[P.Blob], tasks: list[tuple[list[Any], dict[str, Any] | None]],
+                    chunk: bool = False) -> list[ClusterFuture]:
+        """Queue tasks that share their blobs, as `submit` does one by one, with one acquisition of the lock
+        (which the IO thread needs too) and at most one wake-up of the IO thread."""
+        futures = [ClusterFuture() for _ in tasks]
+        records = [_Record(self, 0, future, P.Task(0, deps, bufs, opts), chunk)
+                   for future, (bufs, opts) in zip(futures, tasks, strict=True)]
+        for record in records:
+            record.future._cx_record = record
+        with self._lock:
+            if self.broken is not None:
+                raise ClusterUnavailable(f"the connection to the master is gone: {self.broken}")
+            ids = self._ids
+            for record in records:
+                record.id = next(ids)
+            self._outbox.extend(records)
+            self._wake_locked()
+        return futures
 
     def _wake_locked(self) -> None:
         # Once broken, the IO thread has exited and closed the wake pipe (its fd numbers may be reused).
@@ -521,22 +580,25 @@ class ClientConnection:
         status_requests, self._status_out = self._status_out, 0
         kills, self._kill_out = self._kill_out, []
         sending = []
-        for r in records:
-            if r.state == UNSENT:
-                r.state = SENT
-                self._pending[r.id] = r
-                sending.append(r)
+        sizes = []
         limit = self.max_frame
         too_large = []
-        for r in [r for r in sending if P.task_size(r.task) > limit]:
-            # The master would refuse the frame and close the connection: fail this task alone.
-            self._pending.pop(r.id, None)
-            r.state = DONE
-            too_large.append((r.future, ClusterError(
-                f"the task's data is {P.task_size(r.task) >> 20} MiB, more than the master accepts in one message "
-                f"({limit >> 20} MiB; see python -m clusterexec.master --max-frame-mb)")))
-            sending.remove(r)
-        self._queue_tasks(sending)
+        for r in records:
+            if r.state != UNSENT:
+                continue
+            size = P.task_size(r.task)
+            if size > limit:
+                # The master would refuse the frame and close the connection: fail this task alone.
+                r.state = DONE
+                too_large.append((r.future, ClusterError(
+                    f"the task's data is {size >> 20} MiB, more than the master accepts in one message "
+                    f"({limit >> 20} MiB; see python -m clusterexec.master --max-frame-mb)")))
+                continue
+            r.state = SENT
+            self._pending[r.id] = r
+            sending.append(r)
+            sizes.append(size)
+        self._queue_tasks(sending, sizes)
         for req, ids in cancels:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
         for _ in range(status_requests):
@@ -545,16 +607,30 @@ class ClientConnection:
             self._queue_frame({"t": "kill", "ids": kills})
         return too_large
 
-    def _queue_tasks(self, records: list[_Record]) -> None:
-        for group in P.in_frames(records, lambda r: P.task_size(r.task), self.max_frame):
-            entries, buffers = P.encode_tasks(((r.id, r.task) for r in group), self._sent_blobs)
+    def _queue_tasks(self, records: list[_Record], sizes: list[int] | None = None) -> None:
+        """Queue "submit" frames for these records; `sizes`: their `task_size`s, when already known."""
+        if sizes is None:
+            sizes = [P.task_size(r.task) for r in records]
+        for group in P.in_frames(zip(records, sizes, strict=True), _second, self.max_frame):
+            entries, buffers = P.encode_tasks(((r.id, r.task) for r, _ in group), self._sent_blobs)
             self._queue_frame({"t": "submit", "tasks": entries}, buffers)
 
     def _queue_frame(self, header: dict[str, Any], buffers: list[Any] = ()) -> None:
-        for piece in P.encode(header, buffers):
-            view = memoryview(piece).cast("B")
-            if view.nbytes:
-                self._wbuf.append(view)
+        wbuf = self._wbuf
+        small: list[bytes] = []  # a run of small pieces goes out joined: fewer pieces for sendmsg and _write
+        for piece in [*P.encode(header, buffers), None]:
+            if type(piece) is bytes and len(piece) < _JOIN_BELOW:
+                small.append(piece)
+                continue
+            if small:
+                joined = b"".join(small)
+                if joined:
+                    wbuf.append(memoryview(joined))
+                small = []
+            if piece is not None:
+                view = memoryview(piece).cast("B")
+                if view.nbytes:
+                    wbuf.append(view)
 
     def _receive(self) -> None:
         """Read what has arrived and handle the messages it completes; raises ConnectionError at end-of-file.
@@ -566,8 +642,9 @@ class ClientConnection:
         self._tls_read_wants_write = False
         got = 0
         while True:
+            size = _TLS_RECV if tls else self._recv_size
             try:
-                data = sock.recv(_TLS_RECV if tls else 1 << 20)
+                data = sock.recv(size)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:
@@ -575,6 +652,8 @@ class ClientConnection:
                 return
             if not data:
                 raise ConnectionError("the master closed the connection")
+            if not tls:
+                self._recv_size = _RECV_LARGE if len(data) == size else _RECV_SMALL
             self._last_heard = time.monotonic()
             self._handle(self._reader.feed(data))
             got += len(data)
@@ -823,17 +902,35 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
     return error
 
 
+# Future.set_result and set_exception, unless the Future is already done (cancelled here, say), with one
+# acquisition of its lock instead of two and no notify_all when no thread waits in result() or exception().
+# Waiters of wait() and as_completed() are told as Future itself does.
+
 def _set_result(future: Future, value: Any) -> None:
     with future._condition:
         if future._state not in (PENDING, RUNNING):
             return
-    future.set_result(value)
+        future._result = value
+        future._state = FINISHED
+        for waiter in future._waiters:
+            waiter.add_result(future)
+        if future._condition._waiters:
+            future._condition.notify_all()
+    future._invoke_callbacks()
 
 
 def _set_exception(future: Future, exc: BaseException) -> None:
     with future._condition:
         if future._state not in (PENDING, RUNNING):
             return
-    future.set_exception(exc)
+        future._exception = exc
+        future._state = FINISHED
+        for waiter in future._waiters:
+            waiter.add_exception(future)
+        if future._condition._waiters:
+            future._condition.notify_all()
+    future._invoke_callbacks()
 
 
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]

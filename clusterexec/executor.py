@@ -12,6 +12,7 @@ With no address the executor starts its own master and node on this machine (`lo
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import os
 import threading
@@ -135,15 +136,43 @@ class ClusterExecutor(Executor):
 
     def _send(self, deps: list[Any], bufs: list[Any], opts: dict[str, Any], chunk: bool) -> Future:
         """Queue one task; in local mode its large buffers go through shared memory."""
-        moved: list[int] = []
-        if self._shm_prefix is not None:
-            bufs, moved = shm.offload(bufs, self._shm_prefix)
-        if not moved:
-            return self._conn.submit(deps, bufs, opts or None, chunk=chunk)
-        markers = [bufs[i] for i in moved]
-        future = self._conn.submit(deps, bufs, {**opts, "shm": moved}, chunk=chunk)
-        future.add_done_callback(lambda _: shm.remove(markers))  # its retries are over too
+        bufs, task_opts, markers = self._offload(bufs, opts)
+        future = self._conn.submit(deps, bufs, task_opts, chunk=chunk)
+        if markers:
+            future.add_done_callback(lambda _: shm.remove(markers))  # its retries are over too
         return future
+
+    def _send_many(self, deps: list[Any], payloads: list[list[Any]], opts: dict[str, Any],
+                   chunk: bool) -> list[Future]:
+        """Queue tasks that share their function and options (a batch of `map`) with one call to the connection."""
+        if len(payloads) == 1:
+            return [self._send(deps, payloads[0], opts, chunk)]
+        tasks = []
+        segments = []
+        for bufs in payloads:
+            bufs, task_opts, markers = self._offload(bufs, opts)
+            tasks.append((bufs, task_opts))
+            segments.append(markers)
+        try:
+            futures = self._conn.submit_many(deps, tasks, chunk=chunk)
+        except BaseException:
+            for markers in segments:
+                if markers:
+                    shm.remove(markers)
+            raise
+        for future, markers in zip(futures, segments, strict=True):
+            if markers:
+                future.add_done_callback(functools.partial(_remove_segments, markers))  # its retries are over too
+        return futures
+
+    def _offload(self, bufs: list[Any], opts: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None, list[Any]]:
+        """A task's buffers and options as sent, and the markers of the buffers moved to shared memory (local
+        mode, large buffers), to remove once the task is over."""
+        if self._shm_prefix is not None and not _small(bufs):
+            bufs, moved = shm.offload(bufs, self._shm_prefix)
+            if moved:
+                return bufs, {**opts, "shm": moved}, [bufs[i] for i in moved]
+        return bufs, opts or None, []
 
     def options(self, *, timeout: float | None = None, retries: int | None = None) -> TaskOptions:
         """The same executor with per-call task options, keeping every keyword free for your function.
@@ -225,25 +254,50 @@ class ClusterExecutor(Executor):
             opts["chunk"] = 1
         bar = _progress_bar(iterables, getattr(fn, "__name__", "map")) if progress else None
 
-        def make(item: Any) -> Future:
+        def prepare(item: Any) -> tuple[list[Any] | Future, int]:
+            """The item's pickled arguments (or its failed Future) and how many items it counts for."""
+            n = len(item) if chunked else 1
             if deps is None:
-                future = _failed(error)
-            else:
-                try:
-                    bufs = S.dumps(item if chunked else (item, {}), "pickling the arguments")
-                except SerializationError as e:
-                    future = _failed(e)
-                else:
-                    future = self._send(deps, bufs, opts, chunked)
-            if bar is not None:
-                n = len(item) if chunked else 1
-                future.add_done_callback(lambda _: bar.update(n))
-            return future
+                return _failed(error), n
+            try:
+                return S.dumps(item if chunked else (item, {}), "pickling the arguments"), n
+            except SerializationError as e:
+                return _failed(e), n
 
-        if buffersize is None:
-            futures = deque(make(item) for item in zipped)
-        else:
-            futures = deque(make(item) for item in itertools.islice(zipped, buffersize))
+        def send(batch: list[tuple[list[Any] | Future, int]]) -> list[Future]:
+            ready = [bufs for bufs, _ in batch if type(bufs) is list]
+            sent = iter(self._send_many(deps, ready, opts, chunked) if ready else ())
+            futures = [next(sent) if type(bufs) is list else bufs for bufs, _ in batch]
+            if bar is not None:
+                for future, (_, n) in zip(futures, batch, strict=True):
+                    future.add_done_callback(functools.partial(_advance, bar, n))
+            return futures
+
+        def make(item: Any) -> Future:
+            return send([prepare(item)])[0]
+
+        def make_all(items: Iterator[Any], size: int) -> deque[Future]:
+            """Futures for all of `items`, queued `size` at a time, or after _MAP_BATCH_WAIT if sooner (large
+            items: the first tasks should not wait for the pickling of many more)."""
+            futures: deque[Future] = deque()
+            batch: list[tuple[list[Any] | Future, int]] = []
+            clock = time.monotonic
+            started = clock()
+            try:
+                for item in items:
+                    batch.append(prepare(item))
+                    if len(batch) >= size or clock() - started >= _MAP_BATCH_WAIT:
+                        full, batch = batch, []
+                        futures.extend(send(full))
+                        started = clock()
+            finally:  # (the iteration failed: what came before it still runs, as when queued one by one)
+                futures.extend(send(batch))
+            return futures
+
+        # Batches only over containers, whose items are all there: an item of a generator is queued as soon as
+        # it is made, since making the next one may wait (for a while, or even for this item's result).
+        size = _MAP_BATCH if all(type(it) in _CONTAINERS for it in iterables) else 1
+        futures = make_all(zipped if buffersize is None else itertools.islice(zipped, buffersize), size)
         return self._results(futures, zipped if buffersize else None, make, end_time, chunked, bar)
 
     def _results(self, futures: deque[Future], more: Iterator[Any] | None, make: Callable[[Any], Future],
@@ -346,6 +400,9 @@ def _task_options(timeout: float | None, retries: int | None) -> dict[str, Any]:
 
 
 _END = object()
+_MAP_BATCH = 256  # map's items queued with one call to the connection (one lock, one wake-up of its thread)
+_MAP_BATCH_WAIT = 0.001  # seconds
+_CONTAINERS = frozenset({list, tuple, range, dict, set, frozenset, str, bytes, bytearray})
 _open_executors: weakref.WeakSet[ClusterExecutor] = weakref.WeakSet()
 
 
@@ -391,6 +448,22 @@ def _cancel_all(futures: Iterable[Future]) -> None:
         for record, ok in zip(records, conn.cancel(records), strict=True):
             if ok and Future.cancel(record.future):
                 record.future._notify_cancelled()
+
+
+def _small(bufs: list[Any]) -> bool:
+    """No buffer for shared memory (the usual case), told without a memoryview per buffer."""
+    for buf in bufs:
+        if type(buf) is not bytes or len(buf) >= shm.MIN_SIZE:
+            return False
+    return True
+
+
+def _advance(bar: Any, n: int, _: Future) -> None:
+    bar.update(n)
+
+
+def _remove_segments(markers: list[Any], _: Future) -> None:
+    shm.remove(markers)
 
 
 def _batched(iterator: Iterator[Any], n: int) -> Iterator[list[Any]]:

@@ -31,6 +31,12 @@ _OOB_MIN = 64 * 1024
 
 def dumps(obj: Any, phase: str) -> list[Any]:
     """Pickle `obj` into [main, *out-of-band buffers]; raises SerializationError naming the phase."""
+    if _plain(obj):
+        # The C pickler alone: cloudpickle makes a Pickler, a BytesIO and a closure per call, for the same bytes.
+        try:
+            return [pickle.dumps(obj, protocol=PROTOCOL)]
+        except (Exception, SystemExit) as e:
+            raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     oob: list[Any] = []
 
     def callback(buf: pickle.PickleBuffer) -> bool:
@@ -45,6 +51,40 @@ def dumps(obj: Any, phase: str) -> list[Any]:
     except (Exception, SystemExit) as e:  # a __reduce__ calling sys.exit() is a pickling failure too
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     return [main, *oob]
+
+
+_ATOMS = frozenset({type(None), bool, int, float, str})
+_PLAIN_BUDGET = 64  # items walked at most: a longer argument or result is not worth a walk per call
+
+
+def _plain(obj: Any) -> bool:
+    """Whether `obj` is small plain data (None, bool, int, float, str, small bytes, and tuples, lists and
+    dicts of those), which the C pickler pickles exactly as cloudpickle does. Exact types only: a subclass
+    may live in `__main__`, which only cloudpickle sends by value."""
+    stack = [obj]
+    budget = _PLAIN_BUDGET
+    while stack:
+        x = stack.pop()
+        kind = type(x)
+        if kind in _ATOMS:
+            continue
+        if kind is tuple or kind is list:
+            budget -= len(x)
+            if budget < 0:
+                return False
+            stack.extend(x)
+        elif kind is dict:
+            budget -= 2 * len(x)
+            if budget < 0:
+                return False
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif kind is bytes:
+            if len(x) >= _OOB_MIN:  # goes out of band: see _big_bytes_out_of_band
+                return False
+        else:
+            return False
+    return True
 
 
 class _OutOfBandBytes:
@@ -113,6 +153,7 @@ def send_by_value(modules: Any) -> list[str]:
             if module.__name__ in cloudpickle.list_registry_pickle_by_value():
                 continue  # registered by the user: theirs to keep
             cloudpickle.register_pickle_by_value(module)
+            _by_reference.clear()
         _by_value[module.__name__] = _by_value.get(module.__name__, 0) + 1
         names.append(module.__name__)
     return names
@@ -131,15 +172,51 @@ def stop_by_value(names: list[str]) -> None:
                 cloudpickle.unregister_pickle_by_value(module)
             except ValueError:
                 pass
+            _by_reference.clear()
+
+
+# Blobs of functions cloudpickle pickles by reference: (module, qualname) → (the function, its blob). Such a
+# pickle holds nothing but the two names, so it cannot go stale; functions pickled by value (lambdas,
+# closures, `__main__`, modules sent by value) are never cached, as what they capture may change.
+_by_reference: dict[tuple[Any, Any], tuple[Any, Blob]] = {}
+_BY_REFERENCE_MAX = 1024
+_should_pickle_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_lookup_module_and_qualname = getattr(cloudpickle.cloudpickle, "_lookup_module_and_qualname", None)
+_FUNCTION_TYPES = (types.FunctionType, types.BuiltinFunctionType)
+
+
+def _pickled_by_reference(fn: Any) -> bool:
+    """Whether cloudpickle pickles `fn` by reference now (the registry of modules sent by value, or the module's
+    attribute, may have changed since the last call): asked of cloudpickle itself, so both always agree."""
+    kind = type(fn)
+    if kind is types.FunctionType:
+        return _should_pickle_by_reference is not None and _should_pickle_by_reference(fn)
+    if kind is types.BuiltinFunctionType:  # cloudpickle leaves these to pickle: by reference when found there
+        return (isinstance(fn.__self__, types.ModuleType) and _lookup_module_and_qualname is not None
+                and _lookup_module_and_qualname(fn) is not None)
+    return False
 
 
 def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
     """Pickle a callable by value where needed (lambdas, closures); identical content gives the same hash."""
+    key = None
+    if type(fn) in _FUNCTION_TYPES and isinstance(getattr(fn, "__module__", None), str):
+        key = (fn.__module__, getattr(fn, "__qualname__", None))
+        hit = _by_reference.get(key)
+        if hit is not None and hit[0] is fn and _pickled_by_reference(fn):
+            return hit[1]
+        if not _pickled_by_reference(fn):
+            key = None
     try:
         data = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except (Exception, SystemExit) as e:
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
-    return Blob(blob_hash(data), data)
+    blob = Blob(blob_hash(data), data)
+    if key is not None and _pickled_by_reference(fn):  # (by reference before and after: so were these bytes)
+        if len(_by_reference) >= _BY_REFERENCE_MAX:
+            _by_reference.clear()
+        _by_reference[key] = (fn, blob)
+    return blob
 
 
 class RemoteTraceback(Exception):
