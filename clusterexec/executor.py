@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any
 
+from . import protocol as P
 from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
@@ -240,10 +241,14 @@ class ClusterExecutor(Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
         end_time = None if timeout is None else timeout + time.monotonic()
-        zipped: Iterator[Any] = zip(*iterables, strict=False)
         chunked = chunksize > 1
-        if chunked:
-            zipped = _batched(zipped, chunksize)
+        zipped: Iterator[Any]
+        if chunked and len(iterables) == 1:
+            zipped = _item_chunks(iterables[0], chunksize)  # the items themselves: no 1-tuple per item
+        elif chunked:
+            zipped = _batched(zip(*iterables, strict=False), chunksize)
+        else:
+            zipped = zip(*iterables, strict=False)
         try:
             deps = self._deps(S.function_blob(fn))
         except SerializationError as e:
@@ -251,7 +256,7 @@ class ClusterExecutor(Executor):
             error = e
         opts = {**self._opts, **(extra or {})}
         if chunked:
-            opts["chunk"] = 1
+            opts["chunk"] = P.CHUNK_OF_ITEMS if len(iterables) == 1 else P.CHUNK_OF_ARGS
         bar = _progress_bar(iterables, getattr(fn, "__name__", "map")) if progress else None
 
         def prepare(item: Any) -> tuple[list[Any] | Future, int]:
@@ -464,6 +469,14 @@ def _advance(bar: Any, n: int, _: Future) -> None:
 
 def _remove_segments(markers: list[Any], _: Future) -> None:
     shm.remove(markers)
+
+
+def _item_chunks(source: Iterable[Any], n: int) -> Iterator[Any]:
+    """Chunks of one iterable's items. A range, list or tuple is sliced: a chunk of `range(10**6)` travels
+    as a small range, not as 10,000 pickled ints."""
+    if type(source) in (range, list, tuple):
+        return (source[i : i + n] for i in range(0, len(source), n))
+    return _batched(iter(source), n)
 
 
 def _batched(iterator: Iterator[Any], n: int) -> Iterator[list[Any]]:

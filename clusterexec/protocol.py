@@ -57,6 +57,10 @@ TLS_REQUIRED_HELLO = SERVER_HELLO.pack(TLS_REQUIRED, PROTOCOL_VERSION, bytes(CHA
 _PREFIX = struct.Struct("!HI")
 _BUFLEN = struct.Struct("!Q")
 
+# A task's opts["chunk"]: its payload is a chunk of `map`, of argument tuples or of one iterable's items.
+CHUNK_OF_ARGS = 1
+CHUNK_OF_ITEMS = 2
+
 DEFAULT_MAX_HEADER = 64 * 1024 * 1024
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024 * 1024  # the master's --max-frame-mb; a task's data must fit
 MAX_BUFFERS = 65535

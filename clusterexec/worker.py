@@ -53,7 +53,6 @@ STARTED_DELAY = 0.002  # seconds a task runs before the master (and the Future) 
 # it runs, about PIPELINE_WORK seconds of them (at most PIPELINE_MAX), so it finds its next task waiting
 # instead of sleeping until the agent is scheduled again. A task that takes PIPELINE_WORK or longer is sent
 # to an idle process only, as before; so is one with a time limit, max_tasks_per_child or a suspect past.
-CHUNK_OF_ITEMS = 2  # opts["chunk"]: the chunk holds items of one iterable, not argument tuples (1)
 PIPELINE_WORK = 0.005
 PIPELINE_MAX = 64
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
@@ -905,7 +904,7 @@ class _TaskRunner:
             return _error_result(e.error, kind="initializer", phase="running the initializer")
         phase[0] = _RUNNING
         if opts.get("chunk"):
-            return self._run_chunk(fn, payload, opts["chunk"] == CHUNK_OF_ITEMS)
+            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS)
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)

@@ -72,6 +72,14 @@ def fail_at(x, bad):
     return x
 
 
+def identity(x):
+    return x
+
+
+def fail_at_seven(x):
+    return fail_at(x, 7)
+
+
 class CustomError(Exception):
     pass
 
@@ -350,6 +358,25 @@ def test_map_propagates_an_exception_from_its_input(make_executor):
 def test_map_with_chunksize_returns_every_result_in_order(make_executor, chunksize):
     ex = make_executor()
     assert list(ex.map(square, range(50), chunksize=chunksize)) == [i * i for i in range(50)]
+
+
+@pytest.mark.parametrize("kind", [range, list, tuple, iter, str])
+def test_map_chunks_of_one_iterable_of_any_kind_give_every_item_in_order(make_executor, kind):
+    """One iterable's chunks travel as its items (a range or list as a slice of it), not as argument tuples."""
+    ex = make_executor()
+    items = {range: range(17), str: "abcdefghijklmnopq"}.get(kind) or kind(range(17))
+    expected = list(range(17)) if kind is iter else list(items)
+    assert list(ex.map(identity, items, chunksize=5)) == expected
+
+
+def test_map_chunk_of_one_iterable_raises_at_the_failing_item_after_the_ones_before_it(make_cluster_executor):
+    ex = make_cluster_executor()
+    got = []
+    with pytest.raises(ValueError) as info:
+        for value in ex.map(fail_at_seven, range(20), chunksize=5):
+            got.append(value)
+    assert got == list(range(7))
+    assert info.value.args == ("bad item 7", 7)
 
 
 @pytest.mark.parametrize("chunksize", [0, -1])
