@@ -276,7 +276,7 @@ class Master:
         elif t == "pong":
             pass  # its arrival is the point
         elif t == "prefetch":
-            sched.set_prefetch(nid, int(h["n"]))
+            sched.set_prefetch(nid, int(h["n"]), [int(g) for g in h.get("back", ())])
         elif t == "leaving":
             back = sched.node_leaving(nid, [int(g) for g in h["ids"]])
             log.info("worker node %d is leaving; it handed back %d tasks", nid, len(back))

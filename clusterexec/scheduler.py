@@ -38,6 +38,7 @@ class TaskState:
     cancelled: bool = False
     cancel_key: int | None = None  # a cancel request waits on this task's node
     suspect: bool = False  # its node died before confirming whether it had started it
+    kill_requested: bool = False  # a kill was sent to its node
     done: bool = False
 
     @property
@@ -145,13 +146,17 @@ class Scheduler:
         self._has_room(node)
         return node
 
-    def set_prefetch(self, node_id: int, n: int) -> None:
+    def set_prefetch(self, node_id: int, n: int, back: list[int] = ()) -> None:
         """A node running quick tasks asks for `n` of them ahead of time (0: back to the default), to keep its
-        task processes' pipelines full. Not when the master was given a fixed prefetch, nor while leaving."""
+        task processes' pipelines full; not granted when the master was given a fixed prefetch, nor while the
+        node is leaving. Tasks have turned slow: it gives `back` those it holds beyond its default, which go
+        to the front of their queues (no attempt counted) for any node to take."""
         node = self.nodes.get(node_id)
-        if node is None or node.capacity == 0 or self.prefetch is not None:
+        if node is None:
             return
-        node.capacity = max(1, node.nprocs + max(node.nprocs, min(n, MAX_PREFETCH)))
+        self._take_back(node, back)
+        if node.capacity != 0 and self.prefetch is None:
+            node.capacity = max(1, node.nprocs + max(node.nprocs, min(n, MAX_PREFETCH)))
         self._has_room(node)
 
     def _has_room(self, node: NodeState) -> None:
@@ -205,10 +210,22 @@ class Scheduler:
         if node is None:
             return []
         node.capacity = 0
+        return self._take_back(node, gids)
+
+    def _take_back(self, node: NodeState, gids: list[int]) -> list[TaskState]:
+        """Tasks a node hands back unstarted go to the front of their queues, in order. A cancel or a kill
+        asked of the node meanwhile crossed them on the way: it is done here instead."""
         back = [ts for ts in (node.assigned.pop(gid, None) for gid in gids) if ts is not None]
         for ts in reversed(back):
             ts.node = None
-            self._requeue_front(ts)
+            if ts.cancel_key is not None and ts.cancel_key in self._cancels:
+                ts.cancelled = True
+                self._forget(ts)  # (so the node's "refused" for it counts for nothing)
+                self._cancels[ts.cancel_key].cancelled.append(ts.task.id)
+            elif ts.kill_requested:
+                self._finish(ts, "error", [], {"kind": "killed", "started": False})
+            else:
+                self._requeue_front(ts)
         return back
 
     # ------------------------------------------------------------------------------------------ tasks
@@ -344,6 +361,7 @@ class Scheduler:
                 ts.cancelled = True  # lazily skipped in the queue
                 self._finish(ts, "error", [], {"kind": "killed", "started": False})
             else:
+                ts.kill_requested = True
                 ts.node.out_kill.append(ts.gid)
                 self.dirty_nodes.add(ts.node)
 

@@ -107,6 +107,9 @@ def _pipelined(task: P.Task) -> bool:
     return not opts or not any(k in opts for k in _NOT_PIPELINED)
 
 
+_FN_TIMES_MAX = 1024  # functions whose recent task durations the agent remembers
+
+
 class Agent:
     """Connects to the master, supervises `nprocs` task processes, and relays tasks and results."""
 
@@ -136,6 +139,8 @@ class Agent:
         self._flush_scheduled = False
         self._started_scheduled = False
         self._prefetch_asked = 0  # tasks we last asked the master to hand us ahead of time (0: its default)
+        self._recheck: asyncio.TimerHandle | None = None  # looks again whether tasks have turned slow
+        self._fn_took: dict[str, float] = {}  # function blob hash → seconds per task lately
         self._loop: asyncio.AbstractEventLoop | None = None
         self._last_heard = 0.0
         self.max_frame = P.DEFAULT_MAX_FRAME  # what the master accepts in one frame (from its welcome)
@@ -478,13 +483,19 @@ class Agent:
 
     def _ask_prefetch(self, conn: Any) -> None:
         """Quick tasks: ask the master to hand us more of them ahead of time, enough to keep every task
-        process's pipeline full while the next batch is on its way. Slow ones: back to its default."""
+        process's pipeline full while the next batch is on its way. Slow ones: back to its default, and
+        give back what we hold beyond it, so that other nodes may run it."""
         want = sum(p.depth() for p in self.procs.values())
         want = 0 if want <= len(self.procs) else 2 * want
         asked = self._prefetch_asked
-        if want != asked and (want == 0 or asked == 0 or not asked / 2 <= want <= asked * 2):
-            self._prefetch_asked = want
-            conn.send({"t": "prefetch", "n": want})
+        if want == asked or (want and asked and asked / 2 <= want <= asked * 2):
+            return
+        self._prefetch_asked = want
+        message: dict[str, Any] = {"t": "prefetch", "n": want}
+        if want == 0 and len(self.queue) > self.nprocs:
+            back = [self.queue.pop().id for _ in range(len(self.queue) - self.nprocs)]
+            message["back"] = back[::-1]
+        conn.send(message)
 
     # ------------------------------------------------------------------------------------------ processes
 
@@ -507,9 +518,9 @@ class Agent:
                 self._give(proc, queue.popleft(), batches)
         # Then quick tasks queue up behind quick ones, round-robin, as deep as each process is quick.
         room = [p for p in ready if p.tasks and len(p.tasks) < p.depth() and _pipelined(p.tasks[0])]
-        while queue and room and _pipelined(queue[0]):
+        while queue and room and self._quick(queue[0]):
             for proc in list(room):
-                if not queue or not _pipelined(queue[0]):
+                if not queue or not self._quick(queue[0]):
                     break
                 self._give(proc, queue.popleft(), batches)
                 if len(proc.tasks) >= proc.depth():
@@ -517,9 +528,26 @@ class Agent:
         for proc, tasks in batches.items():
             entries, buffers = P.encode_tasks(((t.id, t) for t in tasks), proc.sent)
             proc.conn.send({"t": "run", "tasks": entries}, buffers)
+        if self._prefetch_asked and self._recheck is None:
+            self._recheck = self._loop.call_later(4 * PIPELINE_WORK, self._look_again)
         if self._out_started and not self._started_scheduled:
             self._started_scheduled = True
             self._loop.call_later(STARTED_DELAY, self._started_timer)
+
+    def _quick(self, task: P.Task) -> bool:
+        """May this task wait behind another in a task process? Only if its function's tasks have been quick
+        lately: a slow function's tasks go to idle processes, and to other nodes if those are idle first."""
+        return _pipelined(task) and self._fn_took.get(task.deps[0].hash, PIPELINE_WORK) < PIPELINE_WORK
+
+    def _look_again(self) -> None:
+        """While we hold tasks ahead of time: have they turned slow? (Then _ask_prefetch gives back the
+        surplus, for other nodes to run.) Nothing else may happen here for as long as the tasks run."""
+        self._recheck = None
+        conn = self.conn
+        if conn is not None and not conn.closed and not self.leaving:
+            self._ask_prefetch(conn)
+        if self._prefetch_asked and not self.closing:
+            self._recheck = self._loop.call_later(4 * PIPELINE_WORK, self._look_again)
 
     def _give(self, proc: _Proc, task: P.Task, batches: dict[_Proc, list[P.Task]]) -> None:
         if not proc.tasks:
@@ -596,6 +624,11 @@ class Agent:
         took = now - proc.head_since
         proc.service = took if proc.service == float("inf") else 0.75 * proc.service + 0.25 * took
         proc.head_since = now
+        fn = task.deps[0].hash
+        before = self._fn_took.get(fn)
+        if before is None and len(self._fn_took) >= _FN_TIMES_MAX:
+            self._fn_took.clear()
+        self._fn_took[fn] = took if before is None else 0.75 * before + 0.25 * took
         mtpc = (task.opts or {}).get("mtpc")
         if mtpc and proc.runs >= mtpc:
             proc.retiring = True

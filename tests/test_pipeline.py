@@ -113,3 +113,22 @@ def test_every_line_printed_by_quick_tasks_reaches_the_client(cluster, capfd):
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if "says hello" in line]
     assert sorted(int(line.split("item ")[1].split()[0]) for line in lines) == list(range(1500))
+
+
+def nap_on_node(seconds):
+    time.sleep(seconds)
+    return os.getppid()  # the worker node's agent
+
+
+def test_a_node_gives_back_what_it_took_ahead_once_tasks_turn_slow(cluster):
+    """Quick tasks make a node ask for many tasks ahead of time. When the next ones turn out slow it gives
+    back what it holds beyond its due, so that a node joining now shares the slow work."""
+    first = cluster.workers[0].pid
+    with cluster.executor() as ex:
+        assert list(ex.map(square, range(3000))) == [x * x for x in range(3000)]
+        slow = [ex.submit(nap_on_node, 1.0) for _ in range(16)]
+        time.sleep(0.5)  # the first node has had them all handed over by now, and has seen them turn slow
+        second = cluster.start_worker(2).pid
+        nodes = [f.result(timeout=RESULT_TIMEOUT) for f in slow]
+    assert set(nodes) <= {first, second}
+    assert nodes.count(second) >= 4, nodes

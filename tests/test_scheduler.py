@@ -222,3 +222,41 @@ def test_a_task_that_was_only_queued_on_a_dying_node_is_not_charged_for_it():
     s.started(11, [ts.gid])
     s.result(11, ts.gid, "ok", [], None)
     assert s.clients[1].out_results[0][1] == "ok"
+
+
+def test_a_node_asks_for_more_ahead_and_gives_back_the_surplus_in_order():
+    s = Scheduler()
+    s.add_client(1)
+    s.add_node(10, nprocs=2)
+    s.submit(1, tasks(*range(100)))
+    s.schedule()
+    assert len(assigned(s, 10)) == 4  # its processes plus the default prefetch
+    s.set_prefetch(10, 40)
+    s.schedule()
+    assert len(assigned(s, 10)) == 38  # now 2 + 40 in all
+    gids = {ts.task.id: ts.gid for ts in s.nodes[10].assigned.values()}
+    s.set_prefetch(10, 0, back=[gids[t] for t in range(4, 42)])  # the tasks turned slow
+    assert len(s.nodes[10].assigned) == 4
+    s.add_node(11, nprocs=2)
+    s.schedule()
+    assert [t for _, t in assigned(s, 11)] == [4, 5, 6, 7]  # the ones given back come first, in order
+    assert deliveries(s, 1) == []
+
+
+def test_a_cancel_or_kill_crossing_a_give_back_is_done_by_the_master():
+    s = Scheduler()
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2, 3))
+    s.set_prefetch(10, 10)
+    s.schedule()
+    gids = {ts.task.id: ts.gid for ts in s.nodes[10].assigned.values()}
+    s.cancel(1, req=5, task_ids=[2])
+    s.kill(1, [3])
+    s.set_prefetch(10, 0, back=[gids[2], gids[3]])  # sent before the node saw the cancel and the kill
+    s.cancel_reply(10, s.nodes[10].out_cancel[0][0], cancelled=[], refused=[gids[2]])
+    assert s.clients[1].out_cancel_replies == [{"req": 5, "cancelled": [2], "refused": []}]
+    assert deliveries(s, 1) == [(3, "error")]
+    s.add_node(11, nprocs=4)
+    s.schedule()
+    assert assigned(s, 11) == []  # neither runs again
