@@ -2,7 +2,8 @@
 
     master ══TCP══▶ Agent (asyncio, never runs user code, never unpickles)
                       │ queue of tasks the master handed us (prefetched, not started)
-                      │ one idle task process ← one task: it is "started" from here on
+                      │ one idle task process ← one task: it is "started" from here on; a process that
+                      │ answers quickly also gets quick functions' next tasks queued behind it (pipelined)
                       ├──socketpair──▶ task process 1: unpickle fn (cached by hash), run, pickle result
                       ├──socketpair──▶ task process 2
                       └── …  a process that dies mid-task is reaped, reported "lost" with its exit code
