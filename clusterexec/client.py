@@ -907,26 +907,25 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
 # Waiters of wait() and as_completed() are told as Future itself does.
 
 def _set_result(future: Future, value: Any) -> None:
+    _settle(future, value, None)
+
+
+def _set_exception(future: Future, exc: BaseException) -> None:
+    _settle(future, None, exc)
+
+
+def _settle(future: Future, value: Any, exc: BaseException | None) -> None:
     with future._condition:
         if future._state not in (PENDING, RUNNING):
             return
         future._result = value
-        future._state = FINISHED
-        for waiter in future._waiters:
-            waiter.add_result(future)
-        if future._condition._waiters:
-            future._condition.notify_all()
-    future._invoke_callbacks()
-
-
-def _set_exception(future: Future, exc: BaseException) -> None:
-    with future._condition:
-        if future._state not in (PENDING, RUNNING):
-            return
         future._exception = exc
         future._state = FINISHED
         for waiter in future._waiters:
-            waiter.add_exception(future)
+            if exc is None:
+                waiter.add_result(future)
+            else:
+                waiter.add_exception(future)
         if future._condition._waiters:
             future._condition.notify_all()
     future._invoke_callbacks()

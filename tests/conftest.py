@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import re
 import secrets
@@ -303,3 +305,20 @@ def certs(tmp_path_factory) -> Certs:
     _make_ca(directory, "rogue-ca")
     _make_leaf(directory, "rogue", "rogue-ca")
     return Certs(directory)
+
+
+@contextlib.contextmanager
+def private_package(tmp_path: Path, monkeypatch, name: str, files: dict[str, str]):
+    """A package importable in this process only (its folder on our sys.path, not on the worker nodes'):
+    `files` maps its file names to their source. Yields the imported package; forgets it afterwards."""
+    root = tmp_path / "src"
+    pkg = root / name
+    pkg.mkdir(parents=True)
+    for filename, source in files.items():
+        (pkg / filename).write_text(source)
+    monkeypatch.syspath_prepend(str(root))
+    try:
+        yield importlib.import_module(name)
+    finally:
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]

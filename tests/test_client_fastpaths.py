@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import pickle
-import sys
 import threading
 import time
 from collections import deque
@@ -21,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 
 import cloudpickle
 import pytest
+from conftest import private_package as make_package
 from conftest import wait_until
 
 from clusterexec import ClusterExecutor, SerializationError
@@ -61,15 +60,9 @@ class Meters(int):
 @pytest.fixture
 def private_package(tmp_path, monkeypatch):
     """A package importable here but not on the cluster fixture's worker node."""
-    root = tmp_path / "src"
-    pkg = root / "fastpath_pkg_q3"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("def simulate(x):\n    return x * 10\n")
-    monkeypatch.syspath_prepend(str(root))
-    module = importlib.import_module("fastpath_pkg_q3")
-    yield module
-    for name in [n for n in sys.modules if n.startswith("fastpath_pkg_q3")]:
-        del sys.modules[name]
+    with make_package(tmp_path, monkeypatch, "fastpath_pkg_q3",
+                      {"__init__.py": "def simulate(x):\n    return x * 10\n"}) as module:
+        yield module
 
 
 # ------------------------------------------------------------------------------------------ function_blob

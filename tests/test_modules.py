@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 import textwrap
 
 import cloudpickle
 import pytest
+from conftest import private_package as make_package
 
 from clusterexec import SerializationError
 
@@ -16,24 +15,19 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def private_package(tmp_path, monkeypatch):
-    """A package importable here (its folder on this process's sys.path) but not on the worker node."""
-    root = tmp_path / "src"
-    pkg = root / "labcode_x7"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent("""
-        from .physics import energy
+    """A package importable here but not on the worker node."""
+    with make_package(tmp_path, monkeypatch, "labcode_x7", {
+        "__init__.py": textwrap.dedent("""
+            from .physics import energy
 
-        SCALE = 10
+            SCALE = 10
 
-        def simulate(x):
-            return energy(x) * SCALE
-    """))
-    (pkg / "physics.py").write_text("def energy(x):\n    return x * x\n")
-    monkeypatch.syspath_prepend(str(root))
-    module = importlib.import_module("labcode_x7")
-    yield module
-    for name in [n for n in sys.modules if n.startswith("labcode_x7")]:
-        del sys.modules[name]
+            def simulate(x):
+                return energy(x) * SCALE
+        """),
+        "physics.py": "def energy(x):\n    return x * x\n",
+    }) as module:
+        yield module
 
 
 def test_without_modules_the_error_names_the_module_and_the_fix(cluster, private_package):
