@@ -56,6 +56,7 @@ STARTED_DELAY = 0.002  # seconds a task runs before the master (and the Future) 
 # to an idle process only, as before; so is one with a time limit, max_tasks_per_child or a suspect past.
 PIPELINE_WORK = 0.005
 PIPELINE_MAX = 64
+SLOW_AFTER = 0.05  # seconds a task runs before its node stops asking for tasks ahead of time (see _ask_prefetch)
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
 
 
@@ -95,10 +96,11 @@ class _Proc:
         """The task it runs now (or is about to run), if any."""
         return self.tasks[0] if self.tasks else None
 
-    def depth(self) -> int:
+    def depth(self, patience: float = PIPELINE_WORK) -> int:
         """How many tasks it may hold: one, or a few milliseconds' worth of quick ones. Not while its current
-        task runs long: the tasks behind that one wait for it (at most those given before we noticed)."""
-        if self.service >= PIPELINE_WORK or (self.tasks and time.monotonic() - self.head_since > PIPELINE_WORK):
+        task has run longer than `patience`: the tasks behind that one wait for it (at most those given
+        before we noticed)."""
+        if self.service >= PIPELINE_WORK or (self.tasks and time.monotonic() - self.head_since > patience):
             return 1
         return max(1, min(PIPELINE_MAX, int(PIPELINE_WORK / max(self.service, 1e-6))))
 
@@ -485,18 +487,24 @@ class Agent:
     def _ask_prefetch(self, conn: Any) -> None:
         """Quick tasks: ask the master to hand us more of them ahead of time, enough to keep every task
         process's pipeline full while the next batch is on its way. Slow ones: back to its default, and
-        give back what we hold beyond it, so that other nodes may run it."""
-        want = sum(p.depth() for p in self.procs.values())
-        want = 0 if want <= len(self.procs) else 2 * want
+        give back what we hold beyond it, so that other nodes may run it.
+
+        Tasks already waiting in a process behind a long one count on top, so that they never use up the
+        room the other processes need: those must not starve until the long task ends. A process counts as
+        slow here only once its task has run SLOW_AFTER: a moment's hiccup must not send tasks back."""
+        procs = list(self.procs.values())
+        depths = [p.depth(SLOW_AFTER) for p in procs]
+        quick = sum(depths)
+        stuck = sum(max(0, len(p.tasks) - d) for p, d in zip(procs, depths, strict=True))
+        want = (2 * quick if quick > len(procs) else 0) + stuck
+        back = []
+        if quick <= len(procs) and len(self.queue) > self.nprocs:
+            back = [self.queue.pop().id for _ in range(len(self.queue) - self.nprocs)][::-1]
         asked = self._prefetch_asked
-        if want == asked or (want and asked and asked / 2 <= want <= asked * 2):
+        if not back and (want == asked or (want and asked and asked / 2 <= want <= asked * 2)):
             return
         self._prefetch_asked = want
-        message: dict[str, Any] = {"t": "prefetch", "n": want}
-        if want == 0 and len(self.queue) > self.nprocs:
-            back = [self.queue.pop().id for _ in range(len(self.queue) - self.nprocs)]
-            message["back"] = back[::-1]
-        conn.send(message)
+        conn.send({"t": "prefetch", "n": want, "back": back} if back else {"t": "prefetch", "n": want})
 
     # ------------------------------------------------------------------------------------------ processes
 
