@@ -82,56 +82,44 @@ def test_patch_levels_may_differ_minor_versions_may_not():
 
 
 @needs_other
-def test_only_incompatible_workers_warn_then_fail_instead_of_hanging(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_master()
-        start_other_worker(c)
-        with pytest.warns(ClusterWarning) as caught:
-            with c.executor(compatible_wait=2) as ex:
-                future = ex.submit(which_python)
-                started = time.monotonic()
-                with pytest.raises(IncompatibleWorkers) as info:
-                    future.result(timeout=30)
-                assert time.monotonic() - started < 10
-        text = str(caught[0].message)
-        assert f"Python {sys.version.split()[0]}" in text and f"Python {OTHER[1]}" in text, text
-        message = str(info.value)
-        assert f"Python {OTHER[1]}" in message and "2 s" in message, message
-    finally:
-        c.stop()
+def test_only_incompatible_workers_warn_then_fail_instead_of_hanging(empty_cluster):
+    c = empty_cluster
+    start_other_worker(c)
+    with pytest.warns(ClusterWarning) as caught:
+        with c.executor(compatible_wait=2) as ex:
+            future = ex.submit(which_python)
+            started = time.monotonic()
+            with pytest.raises(IncompatibleWorkers) as info:
+                future.result(timeout=30)
+            assert time.monotonic() - started < 10
+    text = str(caught[0].message)
+    assert f"Python {sys.version.split()[0]}" in text and f"Python {OTHER[1]}" in text, text
+    message = str(info.value)
+    assert f"Python {OTHER[1]}" in message and "2 s" in message, message
 
 
 @needs_other
-def test_a_mixed_cluster_runs_each_task_on_a_matching_python(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_master()
-        start_other_worker(c)
-        c.start_worker(1)
-        with pytest.warns(ClusterWarning):
-            with c.executor(compatible_wait=2) as ex:
-                seen = set(ex.map(which_python, range(40)))
-        assert seen == {sys.version.split()[0]}
-        info = c.info()
-        odd = [w for w in info["workers"] if w["python"].startswith(OTHER[1])]
-        assert odd and odd[0]["done"] == 0
-    finally:
-        c.stop()
+def test_a_mixed_cluster_runs_each_task_on_a_matching_python(empty_cluster):
+    c = empty_cluster
+    start_other_worker(c)
+    c.start_worker(1)
+    with pytest.warns(ClusterWarning):
+        with c.executor(compatible_wait=2) as ex:
+            seen = set(ex.map(which_python, range(40)))
+    assert seen == {sys.version.split()[0]}
+    info = c.info()
+    odd = [w for w in info["workers"] if w["python"].startswith(OTHER[1])]
+    assert odd and odd[0]["done"] == 0
 
 
 @needs_other
-def test_a_matching_worker_that_joins_in_time_takes_the_tasks(tmp_path):
-    c = Cluster(tmp_path)
-    try:
-        c.start_master()
-        start_other_worker(c)
-        with pytest.warns(ClusterWarning):
-            with c.executor(compatible_wait=60) as ex:
-                future = ex.submit(which_python)
-                time.sleep(0.5)
-                assert not future.done()
-                c.start_worker(1)
-                assert future.result(timeout=30) == sys.version.split()[0]
-    finally:
-        c.stop()
+def test_a_matching_worker_that_joins_in_time_takes_the_tasks(empty_cluster):
+    c = empty_cluster
+    start_other_worker(c)
+    with pytest.warns(ClusterWarning):
+        with c.executor(compatible_wait=60) as ex:
+            future = ex.submit(which_python)
+            time.sleep(0.5)
+            assert not future.done()
+            c.start_worker(1)
+            assert future.result(timeout=30) == sys.version.split()[0]
