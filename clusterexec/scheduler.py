@@ -176,12 +176,8 @@ class Scheduler:
         self._free.get(node.compat, {}).pop(node, None)
         waiting = [k for k, r in self._cancels.items() if node_id in r.waiting]
         for ts in list(node.assigned.values()):
-            if ts.cancel_key is not None and ts.cancel_key in self._cancels:
-                # The client asked to cancel it and the node never answered: it is cancelled, not retried.
+            if self._cancel_unanswered(ts):  # the node never answered: cancelled, not retried
                 del node.assigned[ts.gid]
-                ts.cancelled = True
-                self._forget(ts)
-                self._cancels[ts.cancel_key].cancelled.append(ts.task.id)
         for key in waiting:
             request = self._cancels[key]
             request.waiting.discard(node_id)
@@ -218,11 +214,9 @@ class Scheduler:
         back = [ts for ts in (node.assigned.pop(gid, None) for gid in gids) if ts is not None]
         for ts in reversed(back):
             ts.node = None
-            if ts.cancel_key is not None and ts.cancel_key in self._cancels:
-                ts.cancelled = True
-                self._forget(ts)  # (so the node's "refused" for it counts for nothing)
-                self._cancels[ts.cancel_key].cancelled.append(ts.task.id)
-            elif ts.kill_requested:
+            if self._cancel_unanswered(ts):
+                continue  # (forgotten: the node's "refused" for it counts for nothing)
+            if ts.kill_requested:
                 self._finish(ts, "error", [], {"kind": "killed", "started": False})
             else:
                 self._requeue_front(ts)
@@ -411,6 +405,16 @@ class Scheduler:
                 request.refused.append(ts.task.id)
         request.waiting.discard(node_id)
         self._maybe_answer(request, key)
+
+    def _cancel_unanswered(self, ts: TaskState) -> bool:
+        """The client asked to cancel this task and its node has not answered, and now never will about it
+        (the node is gone, or handed it back unstarted): it is cancelled here. Returns whether it was."""
+        if ts.cancel_key is None or ts.cancel_key not in self._cancels:
+            return False
+        ts.cancelled = True
+        self._forget(ts)
+        self._cancels[ts.cancel_key].cancelled.append(ts.task.id)
+        return True
 
     def _forget(self, ts: TaskState) -> None:
         self._by_gid.pop(ts.gid, None)
