@@ -140,7 +140,7 @@ class ClusterExecutor(Executor):
         bufs, task_opts, markers = self._offload(bufs, opts)
         future = self._conn.submit(deps, bufs, task_opts, chunk=chunk)
         if markers:
-            future.add_done_callback(lambda _: shm.remove(markers))  # its retries are over too
+            future.add_done_callback(functools.partial(_remove_segments, markers))  # its retries are over too
         return future
 
     def _send_many(self, deps: list[Any], payloads: list[list[Any]], opts: dict[str, Any],
@@ -169,7 +169,7 @@ class ClusterExecutor(Executor):
     def _offload(self, bufs: list[Any], opts: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None, list[Any]]:
         """A task's buffers and options as sent, and the markers of the buffers moved to shared memory (local
         mode, large buffers), to remove once the task is over."""
-        if self._shm_prefix is not None and not _small(bufs):
+        if self._shm_prefix is not None:
             bufs, moved = shm.offload(bufs, self._shm_prefix)
             if moved:
                 return bufs, {**opts, "shm": moved}, [bufs[i] for i in moved]
@@ -453,14 +453,6 @@ def _cancel_all(futures: Iterable[Future]) -> None:
         for record, ok in zip(records, conn.cancel(records), strict=True):
             if ok and Future.cancel(record.future):
                 record.future._notify_cancelled()
-
-
-def _small(bufs: list[Any]) -> bool:
-    """No buffer for shared memory (the usual case), told without a memoryview per buffer."""
-    for buf in bufs:
-        if type(buf) is not bytes or len(buf) >= shm.MIN_SIZE:
-            return False
-    return True
 
 
 def _advance(bar: Any, n: int, _: Future) -> None:

@@ -89,7 +89,7 @@ def remove_prefix(prefix: str) -> None:
 def offload(buffers: list[Any], prefix: str) -> tuple[list[Any], list[int]]:
     """Move the large buffers to shared memory: the new buffer list and the indices now holding markers
     (the list itself, and no index, when none is large)."""
-    large = [i for i, buf in enumerate(buffers) if memoryview(buf).nbytes >= MIN_SIZE]
+    large = [i for i, buf in enumerate(buffers) if _size(buf) >= MIN_SIZE]
     if not large:
         return buffers, []
     moved: list[int] = []
@@ -101,6 +101,11 @@ def offload(buffers: list[Any], prefix: str) -> tuple[list[Any], list[int]]:
             continue  # no room in /dev/shm: this one goes through the socket
         moved.append(i)
     return out, moved
+
+
+def _size(buf: Any) -> int:
+    # (Most buffers are small `bytes`: their size is told without making a memoryview of each.)
+    return len(buf) if type(buf) is bytes else memoryview(buf).nbytes
 
 
 def restore(buffers: list[Any], indices: list[int], unlink: bool = False) -> list[Any]:
