@@ -113,6 +113,11 @@ def _pipelined(task: P.Task) -> bool:
 _FN_TIMES_MAX = 1024  # functions whose recent task durations the agent remembers
 
 
+def _lately(average: float, sample: float) -> float:
+    """A moving average of task durations (inf: none known yet)."""
+    return sample if average == float("inf") else 0.75 * average + 0.25 * sample
+
+
 class Agent:
     """Connects to the master, supervises `nprocs` task processes, and relays tasks and results."""
 
@@ -631,13 +636,12 @@ class Agent:
         proc.tasks.popleft()
         now = time.monotonic()
         took = now - proc.head_since
-        proc.service = took if proc.service == float("inf") else 0.75 * proc.service + 0.25 * took
+        proc.service = _lately(proc.service, took)
         proc.head_since = now
         fn = task.deps[0].hash
-        before = self._fn_took.get(fn)
-        if before is None and len(self._fn_took) >= _FN_TIMES_MAX:
+        if fn not in self._fn_took and len(self._fn_took) >= _FN_TIMES_MAX:
             self._fn_took.clear()
-        self._fn_took[fn] = took if before is None else 0.75 * before + 0.25 * took
+        self._fn_took[fn] = _lately(self._fn_took.get(fn, float("inf")), took)
         mtpc = (task.opts or {}).get("mtpc")
         if mtpc and proc.runs >= mtpc:
             proc.retiring = True
@@ -752,12 +756,13 @@ class Agent:
         # It ran its tasks in order and wrote down the one it was running: those before it had finished (their
         # results, held back to go out together, died with it), those after it had not started. Only the task
         # it died of counts: the one it was killed for, or else the one running. The others run again.
+        held = {t.id for t in proc.tasks}
         if proc.kill_for is not None:
             culprit = proc.kill_for
         else:
-            culprit = running if any(t.id == running for t in proc.tasks) else proc.task.id if proc.tasks else None
+            culprit = running if running in held else proc.task.id if proc.tasks else None
         again = [t for t in proc.tasks if t.id != culprit and t.id not in proc.skip]
-        if culprit is not None and culprit not in proc.skip and any(t.id == culprit for t in proc.tasks):
+        if culprit in held and culprit not in proc.skip:
             if proc.kill_reason is not None:
                 self._out_results.append((culprit, "error", [], dict(info, **proc.kill_reason)))
             else:
@@ -844,6 +849,7 @@ class _TaskRunner:
         # Results of quick tasks wait (at most HOLD_FOR) to travel together while more tasks are queued here.
         self.held: list[list[Any]] = []
         self.held_bufs: list[Any] = []
+        self.held_bytes = 0
         self.held_since = 0.0
 
     def _evicted(self, h: str) -> None:
@@ -902,9 +908,9 @@ class _TaskRunner:
                 self.held_since = now
             self.held.append([task.id, status, len(bufs), info])
             self.held_bufs.extend(bufs)
+            self.held_bytes += P.nbytes(bufs)
             del bufs
-            if (len(self.held) >= HOLD_MAX or now - self.held_since >= HOLD_FOR
-                    or P.nbytes(self.held_bufs) >= HOLD_BYTES):
+            if len(self.held) >= HOLD_MAX or now - self.held_since >= HOLD_FOR or self.held_bytes >= HOLD_BYTES:
                 self._send_held()
             self.phase[0] = _IDLE
             mtpc = opts.get("mtpc")
@@ -919,6 +925,7 @@ class _TaskRunner:
         pieces = P.encode({"t": "results", "items": self.held}, self.held_bufs)
         self.held = []
         self.held_bufs = []
+        self.held_bytes = 0
         with self.send_lock:
             _send_all(self.sock, pieces)
 
