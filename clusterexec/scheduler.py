@@ -168,7 +168,8 @@ class Scheduler:
             free[node] = None
 
     def remove_node(self, node_id: int, reason: dict[str, Any] | None = None) -> None:
-        """A node left or died: its unstarted tasks go back to the queue, its started ones count an attempt."""
+        """A node left or died: its unstarted tasks go back to the queue, its started ones count an attempt.
+        A task the client killed stays killed, though the node died before it could act on the kill."""
         node = self.nodes.pop(node_id, None)
         if node is None:
             return
@@ -188,7 +189,9 @@ class Scheduler:
         # Requeue in reverse so that the front of each queue keeps the original order.
         for ts in reversed(list(node.assigned.values())):
             ts.node = None
-            if ts.started:
+            if ts.kill_requested:
+                self._finish(ts, "error", [], {"kind": "killed", "started": ts.started})
+            elif ts.started:
                 self._attempt_failed(ts, lost)
             else:
                 # It may have been running without our knowing yet (nodes report starts a moment late).

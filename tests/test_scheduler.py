@@ -260,3 +260,22 @@ def test_a_cancel_or_kill_crossing_a_give_back_is_done_by_the_master():
     s.add_node(11, nprocs=4)
     s.schedule()
     assert assigned(s, 11) == []  # neither runs again
+
+
+def test_a_kill_in_flight_to_a_node_that_dies_still_kills_the_task():
+    # The user killed two tasks (one running, one queued on the node); the node died before it acted on
+    # either. Neither may run again elsewhere: both end with TaskKilled, the running one as started.
+    s = Scheduler()
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2, 3))
+    s.schedule()
+    gids = {ts.task.id: ts.gid for ts in s.nodes[10].assigned.values()}
+    s.started(10, [gids[1]])
+    s.kill(1, [1, 2])
+    s.remove_node(10)
+    out = {tid: info for tid, _, _, info in s.clients[1].out_results}
+    assert out == {1: {"kind": "killed", "started": True}, 2: {"kind": "killed", "started": False}}
+    s.add_node(11, nprocs=4)
+    s.schedule()
+    assert assigned(s, 11) == [(1, 3)]  # only the task nobody killed runs again
