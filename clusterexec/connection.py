@@ -45,6 +45,7 @@ class FramedConnection(asyncio.Protocol):
         # Loop time of the last bytes received, whole frames or not: a peer in the middle of sending us a
         # frame bigger than (bandwidth × heartbeat timeout) is alive, though no message has arrived yet.
         self.last_heard = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = bytearray()
         self._challenge = P.new_challenge()
         self._timer: asyncio.TimerHandle | None = None
@@ -54,21 +55,23 @@ class FramedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.last_heard = asyncio.get_running_loop().time()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on every call before Python 3.12.
+        self._loop = asyncio.get_running_loop()
+        self.last_heard = self._loop.time()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
         if self.role == "none":
             self._become_ready()
             return
-        self._timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self._timer = self._loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_timeout)
         if self.role == "server":
             transport.write(P.server_hello(self._challenge))  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_heard = asyncio.get_running_loop().time()
+        self.last_heard = self._loop.time()
         if not self.ready:
             self._pending += data
             try:
