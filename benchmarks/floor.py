@@ -1,0 +1,148 @@
+"""The floor under a sequential round trip: what the process layout alone costs, before any of our code.
+
+    python benchmarks/floor.py [--rounds 3000]
+
+Prints, from one run, the median `submit(noop).result()` round trip of ProcessPoolExecutor(2) and of two
+bare relays written with nothing but sockets, threads and `selectors`, shaped like clusterexec's paths:
+
+    3 processes (today's local mode):  caller ─pipe─▶ IO thread ─TCP─▶ relay ─socketpair─▶ echo process,
+                                       and back the same way, the caller woken by a Condition
+    2 processes (no master hop):       caller ─pipe─▶ IO thread ─socketpair─▶ echo process, and back
+
+Each bare relay moves 60 bytes and does no other work, so its time is wake-ups and system calls only:
+whatever clusterexec adds on top of the 3-process floor is its own Python (pickling, framing, JSON,
+scheduling, asyncio). Compare with `python benchmarks/run.py --only roundtrip`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from workloads import noop
+
+MESSAGE = b"x" * 60
+
+
+def _echo(sock: socket.socket) -> None:
+    while data := sock.recv(4096):
+        sock.sendall(data)
+
+
+def _relay(upstream: socket.socket, downstream: socket.socket) -> None:
+    """Forward bytes both ways until either side closes."""
+    sel = selectors.DefaultSelector()
+    sel.register(upstream, selectors.EVENT_READ, downstream)
+    sel.register(downstream, selectors.EVENT_READ, upstream)
+    while True:
+        for key, _ in sel.select():
+            data = key.fileobj.recv(1 << 16)
+            if not data:
+                return
+            key.data.sendall(data)
+
+
+def _relay_tcp(port: int, downstream: socket.socket) -> None:
+    upstream = socket.create_connection(("127.0.0.1", port))
+    upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _relay(upstream, downstream)
+
+
+def bare_chain(rounds: int, with_relay: bool) -> float:
+    """Median seconds per round trip through a bare chain (see the module docstring)."""
+    ctx = get_context("fork")
+    near, far = socket.socketpair()
+    children = [ctx.Process(target=_echo, args=(far,), daemon=True)]
+    listener = None
+    if with_relay:
+        listener = socket.create_server(("127.0.0.1", 0))
+        children.append(ctx.Process(target=_relay_tcp, args=(listener.getsockname()[1], near), daemon=True))
+    for child in children:
+        child.start()
+    if listener is not None:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        listener.close()
+    else:
+        conn = near
+    wake_r, wake_w = os.pipe()
+    replies: list[bytes] = []
+    arrived = threading.Condition()
+
+    def io_thread() -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        sel.register(conn, selectors.EVENT_READ, "conn")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "wake":
+                    if not os.read(wake_r, 64):
+                        return
+                    conn.sendall(MESSAGE)
+                else:
+                    data = conn.recv(1 << 16)
+                    if not data:
+                        return
+                    with arrived:
+                        replies.append(data)
+                        arrived.notify()
+
+    thread = threading.Thread(target=io_thread, daemon=True)
+    thread.start()
+    times = []
+    try:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            os.write(wake_w, b"\0")
+            with arrived:
+                while not replies:
+                    arrived.wait()
+                replies.clear()
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(wake_w)  # the IO thread reads end-of-file and returns
+        thread.join(5)
+        os.close(wake_r)
+        for sock in (conn, near, far):
+            sock.close()
+        for child in children:
+            child.terminate()
+            child.join(5)
+    return statistics.median(times[rounds // 10:])
+
+
+def ppe_round_trip(rounds: int) -> float:
+    with ProcessPoolExecutor(2) as ex:
+        for _ in range(rounds // 10):
+            ex.submit(noop).result()
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            ex.submit(noop).result()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3000)
+    args = parser.parse_args()
+    ppe = ppe_round_trip(args.rounds)
+    rows = [("ProcessPoolExecutor(2)", ppe),
+            ("bare chain, 3 processes (local mode's layout)", bare_chain(args.rounds, with_relay=True)),
+            ("bare chain, 2 processes (no master hop)", bare_chain(args.rounds, with_relay=False))]
+    width = max(len(name) for name, _ in rows)
+    print(f"{'median round trip':{width}}  {'µs':>6}  {'/PPE':>5}")
+    for name, seconds in rows:
+        print(f"{name:{width}}  {seconds * 1e6:6.0f}  {seconds / ppe:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
