@@ -52,14 +52,8 @@ log = logging.getLogger("clusterexec.client")
 
 UNSENT, SENT, CANCELLED_HERE, DONE = range(4)
 _MAX_IOV = 512
-_TLS_RECV = 1 << 16  # more than a TLS record (16 KiB); small enough to stay a cheap allocation
 _TLS_RECV_BUDGET = 4 << 20
 _TLS_JOIN = 1 << 16  # small pieces are joined up to this size before encryption
-# Plain TCP reads: recv(n) allocates n bytes first, and glibc serves a 1 MiB allocation with mmap + mremap +
-# munmap and page faults (~15 µs a read), a 64 KiB one from its heap. Large reads only while reads come back
-# full, that is while a large frame streams in.
-_RECV_SMALL = 1 << 16
-_RECV_LARGE = 1 << 20
 _JOIN_BELOW = 1 << 10  # pieces of a frame smaller than this are copied together before sending
 
 
@@ -269,7 +263,6 @@ class ClientConnection:
         self._tls_retry = False  # OpenSSL wants the head of _wbuf again, unchanged
         self._tls_read_wants_write = False  # a TLS read must first send (a key update): wait until writable
         self._wbuf: deque[memoryview] = deque()
-        self._recv_size = _RECV_SMALL
 
     # ------------------------------------------------------------------------------------------ callers
 
@@ -635,28 +628,27 @@ class ClientConnection:
     def _receive(self) -> None:
         """Read what has arrived and handle the messages it completes; raises ConnectionError at end-of-file.
 
-        Plain TCP: one recv. TLS: one record per recv, so read on until the SSL object wants more from the
+        Reads go straight into the frame reader's buffer: a large frame's own memory, once its size is known.
+        Plain TCP: one read. TLS: one record per read, so read on until the SSL object wants more from the
         network, within a budget that lets writes through during a long download."""
         sock = self._sock
+        reader = self._reader
         tls = self.ssl_context is not None
         self._tls_read_wants_write = False
         got = 0
         while True:
-            size = _TLS_RECV if tls else self._recv_size
             try:
-                data = sock.recv(size)
+                n = sock.recv_into(reader.get_buffer())
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                 return
             except ssl.SSLWantWriteError:
                 self._tls_read_wants_write = True
                 return
-            if not data:
+            if not n:
                 raise ConnectionError("the master closed the connection")
-            if not tls:
-                self._recv_size = _RECV_LARGE if len(data) == size else _RECV_SMALL
             self._last_heard = time.monotonic()
-            self._handle(self._reader.feed(data))
-            got += len(data)
+            self._handle(reader.filled(n))
+            got += n
             if not tls or got >= _TLS_RECV_BUDGET:
                 return
 

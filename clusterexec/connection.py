@@ -1,6 +1,8 @@
 """The asyncio shell around `protocol`: one framed, authenticated connection.
 
-    bytes ─▶ data_received ─▶ handshake (server or client role, fixed sizes) ─▶ FrameReader ─▶ on_messages
+    bytes ─▶ buffer_updated ─▶ handshake (server or client role, fixed sizes) ─▶ FrameReader ─▶ on_messages
+    (a buffered protocol: the socket is read straight into the FrameReader's buffer, so a large frame's
+    bytes land where they stay, with no copy in between)
     send(header, buffers) ─▶ transport.writelines (no joining of large buffers)
 
 Used by the master (server role), the node agent towards the master (client role) and the agent towards its
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +26,17 @@ HANDSHAKE_TIMEOUT = 10.0
 _WRITELINES_JOINS = sys.version_info < (3, 12)
 
 
-class FramedConnection(asyncio.Protocol):
+_scratch = threading.local()  # one read buffer per thread, shared by that thread's connections
+
+
+def _thread_scratch() -> memoryview:
+    view = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(P.FrameReader.SCRATCH))
+    return view
+
+
+class FramedConnection(asyncio.BufferedProtocol):
     def __init__(self, *, role: str, key: bytes | None,
                  on_ready: Callable[[FramedConnection], None],
                  on_messages: Callable[[FramedConnection, list[P.Message]], None],
@@ -35,7 +48,7 @@ class FramedConnection(asyncio.Protocol):
         self.on_ready = on_ready
         self.on_messages = on_messages
         self.on_lost = on_lost
-        self.reader = P.FrameReader(max_header, max_frame)
+        self.reader = P.FrameReader(max_header, max_frame, scratch=_thread_scratch())
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.ready = False
@@ -47,6 +60,7 @@ class FramedConnection(asyncio.Protocol):
         self.last_heard = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending = bytearray()
+        self._handshake_buffer = memoryview(bytearray(256))  # the few bytes before authentication
         self._challenge = P.new_challenge()
         self._timer: asyncio.TimerHandle | None = None
         self._sent_proof = False
@@ -68,6 +82,26 @@ class FramedConnection(asyncio.Protocol):
         if self.role == "server":
             transport.write(P.server_hello(self._challenge))  # type: ignore[attr-defined]
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.ready:
+            return self.reader.get_buffer()
+        return self._handshake_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.closed:
+            return
+        if not self.ready:  # (ready cannot change between get_buffer and this call)
+            self.data_received(bytes(self._handshake_buffer[:nbytes]))
+            return
+        self.last_heard = self._loop.time()
+        try:
+            messages = self.reader.filled(nbytes)
+        except P.ProtocolError as e:
+            log.warning("closing connection from %s: %s", self.peer, e)
+            self.fail(e)
+            return
+        self._handle(messages)
+
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
@@ -88,6 +122,9 @@ class FramedConnection(asyncio.Protocol):
             log.warning("closing connection from %s: %s", self.peer, e)
             self.fail(e)
             return
+        self._handle(messages)
+
+    def _handle(self, messages: list[P.Message]) -> None:
         if messages:
             try:
                 self.on_messages(self, messages)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import struct
 from collections import OrderedDict
@@ -157,20 +158,50 @@ class FrameReader:
     """Turns a byte stream into `Message`s. Raises `ProtocolError` on anything malformed or oversized.
 
     Small frames are cut out of an accumulating buffer. A large frame (a big array, say) gets a buffer of
-    its exact size as soon as its length is known, and the incoming bytes are copied into it once: its
-    message buffers are views of that one allocation, with no further copy.
+    its exact size as soon as its length is known: its message buffers are views of that one allocation.
+    Bytes go in either by `feed` (copied in), or straight from the socket: `get_buffer` says where to read
+    (the unfilled rest of a large frame, or else a scratch buffer), `filled` how much was read. Read that
+    way, a large frame's bytes are copied once, by the kernel, to where they stay.
     """
 
     LARGE = 1 << 20
     PREALLOCATE = 64 << 20
+    SCRATCH = 1 << 18  # what one read takes at most between large frames (asyncio's own read size)
 
-    def __init__(self, max_header: int = DEFAULT_MAX_HEADER, max_frame: int = DEFAULT_MAX_FRAME):
+    def __init__(self, max_header: int = DEFAULT_MAX_HEADER, max_frame: int = DEFAULT_MAX_FRAME,
+                 scratch: memoryview | None = None):
         self.max_header = max_header
         self.max_frame = max_frame
         self._buf = bytearray()
         self._need: tuple[int, int, list[int]] | None = None  # header_len, payload_len, buffer lens
         self._frame: bytearray | None = None  # a large frame being filled in place
+        self._frame_view: memoryview | None = None
         self._filled = 0
+        # `feed` copies out whatever it is given before it returns, so readers that take turns in one
+        # thread may share a scratch buffer.
+        self._scratch = scratch
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes of the stream should be read into; then call `filled` with their count."""
+        if self._frame_view is not None:
+            return self._frame_view[self._filled :]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(self.SCRATCH))
+        return self._scratch
+
+    def filled(self, n: int) -> list[Message]:
+        """The messages completed by `n` bytes read into the buffer `get_buffer` returned."""
+        if self._frame_view is None:
+            return self.feed(self._scratch[:n])
+        self._filled += n
+        if self._filled < len(self._frame):
+            return []
+        return [self._frame_done()]
+
+    def _frame_done(self) -> Message:
+        frame = self._frame
+        self._frame, self._frame_view, self._filled = None, None, 0
+        return self._message(frame)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
         out: list[Message] = []
@@ -182,8 +213,7 @@ class FrameReader:
             self._filled += n
             if self._filled < len(frame):
                 return out
-            self._frame, self._filled = None, 0
-            out.append(self._message(frame))
+            out.append(self._frame_done())
             data = data[n:]
             if not data:
                 return out
@@ -212,11 +242,11 @@ class FrameReader:
                 # Allocate the whole frame only once its sender has shown it means it: a peer merely
                 # claiming a huge frame must not make us reserve that much memory.
                 if size >= self.LARGE and (size <= self.PREALLOCATE or have * 8 >= size):
-                    frame = bytearray(size)
+                    frame = _large_buffer(size)
                     with memoryview(buf) as view:
                         frame[:have] = view[pos:]
                     pos += have
-                    self._frame, self._filled = frame, have
+                    self._frame, self._frame_view, self._filled = frame, memoryview(frame), have
                 break
             with memoryview(buf) as view:
                 frame = bytes(view[pos : pos + size])
@@ -246,6 +276,26 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         return len(self._buf) + self._filled
+
+
+def _large_buffer(size: int) -> mmap.mmap | bytearray:
+    """Memory for a large frame, which the socket then fills. Not a bytearray: that zeroes every page first,
+    as long again as filling them. Fresh private anonymous memory is zero and untouched until written, and
+    asked to come in huge pages it takes a page fault per 2 MiB rather than per 4 KiB: a 64 MiB frame is
+    ready in ~5 ms instead of ~30 (measured on Linux 6.18)."""
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, OSError):
+        return bytearray(size)
+    if _HUGE_PAGES:
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
+    return buf
+
+
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
 
 
 # ---------------------------------------------------------------------------------------------- blobs

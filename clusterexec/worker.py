@@ -871,13 +871,13 @@ class _TaskRunner:
         while True:
             if not todo:
                 try:  # with results held back, only look: if nothing came, they go out before we sleep
-                    data = sock.recv(1 << 20, socket.MSG_DONTWAIT if self.held else 0)
+                    n = sock.recv_into(reader.get_buffer(), 0, socket.MSG_DONTWAIT if self.held else 0)
                 except BlockingIOError:
                     self._send_held()
                     continue
-                if not data:
+                if not n:
                     return
-                for msg in reader.feed(data):
+                for msg in reader.filled(n):
                     if msg.type == "run":
                         todo.extend(P.decode_tasks(msg.header["tasks"], msg.buffers, self.cache))
                 continue

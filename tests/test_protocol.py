@@ -46,6 +46,61 @@ def test_a_large_frame_between_small_ones_arrives_whole_however_the_stream_is_cu
     assert reader.buffered == 0
 
 
+def read_into_reader(reader: P.FrameReader, stream: bytes, most: int, pos: int = 0) -> list[P.Message]:
+    """As the connections read a socket: at most `most` bytes at a time, into the buffer the reader offers."""
+    out = []
+    while pos < len(stream):
+        buf = reader.get_buffer()
+        n = min(len(buf), most, len(stream) - pos)
+        buf[:n] = stream[pos : pos + n]
+        pos += n
+        out.extend(reader.filled(n))
+    return out
+
+
+@pytest.mark.parametrize("most", [1000, 65536, 3 << 20])
+def test_reading_into_the_readers_buffer_gives_what_feeding_it_gives(most):
+    big = os.urandom(3 << 20)
+    stream = b"".join([
+        P.encode_bytes({"t": "small", "i": 1}, [b"a"]),
+        P.encode_bytes({"t": "big"}, [b"head", big, b"tail"]),
+        P.encode_bytes({"t": "small", "i": 2}, [os.urandom(300_000)]),
+        P.encode_bytes({"t": "small", "i": 3}),
+    ])
+    reader = P.FrameReader()
+    messages = read_into_reader(reader, stream, most)
+    assert messages == feed_in_pieces(P.FrameReader(), stream, most)
+    assert [m.type for m in messages] == ["small", "big", "small", "small"]
+    assert [bytes(b) for b in messages[1].buffers] == [b"head", big, b"tail"]
+    assert reader.buffered == 0
+
+
+def test_a_large_frame_is_read_straight_into_the_memory_its_buffers_then_view():
+    big = os.urandom(5 << 20)
+    frame = P.encode_bytes({"t": "big"}, [big])
+    reader = P.FrameReader()
+    assert read_into_reader(reader, frame[:100_000], 100_000) == []
+    rest = reader.get_buffer()
+    assert len(rest) == len(frame) - 100_000  # one read can finish the frame
+    rest[:] = frame[100_000:]
+    (message,) = reader.filled(len(rest))
+    assert message.buffers[0].obj is rest.obj  # a view of what the socket filled: not copied again
+    assert message.buffers[0] == big
+
+
+def test_readers_sharing_a_scratch_buffer_in_turns_each_get_their_own_frames():
+    scratch = memoryview(bytearray(P.FrameReader.SCRATCH))
+    a, b = P.FrameReader(scratch=scratch), P.FrameReader(scratch=scratch)
+    stream_a = b"".join(P.encode_bytes({"t": "a", "i": i}, [os.urandom(i * 1000)]) for i in range(20))
+    stream_b = b"".join(P.encode_bytes({"t": "b", "i": i}, [bytes([i]) * 7000]) for i in range(20))
+    got: dict[str, list[P.Message]] = {"a": [], "b": []}
+    for i in range(0, max(len(stream_a), len(stream_b)), 4000):
+        for name, reader, stream in (("a", a, stream_a), ("b", b, stream_b)):
+            got[name] += read_into_reader(reader, stream[: i + 4000], 4000, pos=min(i, len(stream)))
+    assert got["a"] == feed_in_pieces(P.FrameReader(), stream_a, 4000)
+    assert [bytes(m.buffers[0]) for m in got["b"]] == [bytes([i]) * 7000 for i in range(20)]
+
+
 def test_oversized_length_prefix_is_rejected_before_reading_the_body():
     reader = P.FrameReader(max_frame=1024)
     prefix = struct.pack("!HI", 1, 10) + struct.pack("!Q", 1 << 40)
