@@ -94,13 +94,7 @@ class FramedConnection(asyncio.BufferedProtocol):
             self.data_received(bytes(self._handshake_buffer[:nbytes]))
             return
         self.last_heard = self._loop.time()
-        try:
-            messages = self.reader.filled(nbytes)
-        except P.ProtocolError as e:
-            log.warning("closing connection from %s: %s", self.peer, e)
-            self.fail(e)
-            return
-        self._handle(messages)
+        self._take(self.reader.filled, nbytes)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -116,21 +110,18 @@ class FramedConnection(asyncio.BufferedProtocol):
             if not self.ready or not self._pending:
                 return
             data, self._pending = bytes(self._pending), bytearray()
+        self._take(self.reader.feed, data)
+
+    def _take(self, read: Callable[[Any], list[P.Message]], arg: Any) -> None:
+        """Let the reader take new bytes and hand on the messages they complete. Malformed input, or a
+        message its handler finds malformed, closes this connection."""
         try:
-            messages = self.reader.feed(data)
+            messages = read(arg)
+            if messages:
+                self.on_messages(self, messages)
         except P.ProtocolError as e:
             log.warning("closing connection from %s: %s", self.peer, e)
             self.fail(e)
-            return
-        self._handle(messages)
-
-    def _handle(self, messages: list[P.Message]) -> None:
-        if messages:
-            try:
-                self.on_messages(self, messages)
-            except P.ProtocolError as e:
-                log.warning("closing connection from %s: %s", self.peer, e)
-                self.fail(e)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed and self.role != "none":  # the peer went away (we did not close it)
