@@ -174,7 +174,7 @@ class FrameReader:
         self.max_frame = max_frame
         self._buf = bytearray()
         self._need: tuple[int, int, list[int]] | None = None  # header_len, payload_len, buffer lens
-        self._frame: bytearray | None = None  # a large frame being filled in place
+        self._frame: mmap.mmap | bytearray | None = None  # a large frame being filled in place
         self._frame_view: memoryview | None = None
         self._filled = 0
         # `feed` copies out whatever it is given before it returns, so readers that take turns in one
