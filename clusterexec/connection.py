@@ -3,7 +3,8 @@
     bytes ─▶ buffer_updated ─▶ handshake (server or client role, fixed sizes) ─▶ FrameReader ─▶ on_messages
     (a buffered protocol: the socket is read straight into the FrameReader's buffer, so a large frame's
     bytes land where they stay, with no copy in between)
-    send(header, buffers) ─▶ transport.writelines (no joining of large buffers)
+    send(header, buffers) ─▶ transport.writelines (no joining of large buffers; on Python 3.11 a large frame
+    goes to the transport a slice at a time, see _pace)
 
 Used by the master (server role), the node agent towards the master (client role) and the agent towards its
 task processes (no handshake: a private socketpair). Malformed input closes this connection alone.
@@ -15,6 +16,7 @@ import asyncio
 import logging
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,8 @@ from . import protocol as P
 log = logging.getLogger("clusterexec.connection")
 
 HANDSHAKE_TIMEOUT = 10.0
-_WRITELINES_JOINS = sys.version_info < (3, 12)
+_PACE_LARGE = sys.version_info < (3, 12)
+_PACE_SLICE = 1 << 18
 
 
 _scratch = threading.local()  # one read buffer per thread, shared by that thread's connections
@@ -64,6 +67,8 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._challenge = P.new_challenge()
         self._timer: asyncio.TimerHandle | None = None
         self._sent_proof = False
+        self._paced: deque[memoryview] = deque()
+        self._close_when_paced = False
 
     # ------------------------------------------------------------------------------------------ asyncio
 
@@ -72,6 +77,8 @@ class FramedConnection(asyncio.BufferedProtocol):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call before Python 3.12.
         self._loop = asyncio.get_running_loop()
         self.last_heard = self._loop.time()
+        if _PACE_LARGE:
+            transport.set_write_buffer_limits(high=0)  # resume_writing() then says when it is empty
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -131,6 +138,7 @@ class FramedConnection(asyncio.BufferedProtocol):
                 log.warning("connection with %s closed in the middle of a frame (%d bytes unread)",
                             self.peer, self.reader.buffered)
         self.closed = True
+        self._paced.clear()
         if self._timer is not None:
             self._timer.cancel()
         self._report_lost(self.error or exc)
@@ -186,11 +194,46 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         pieces = P.encode(header, buffers)
-        if _WRITELINES_JOINS and len(pieces) > 2 and P.nbytes(pieces) >= P.FrameReader.LARGE:
-            for piece in pieces:  # Python 3.11's writelines joins everything first: one more copy of it all
-                self.transport.write(piece)
+        if self._paced or (_PACE_LARGE and P.nbytes(pieces) >= P.FrameReader.LARGE):
+            self._paced.extend(memoryview(p).cast("B") for p in pieces)
+            self._pace()
         else:
             self.transport.writelines(pieces)
+
+    def unsent(self) -> int:
+        """Bytes sent on this connection that its peer has not taken yet."""
+        waiting = sum(piece.nbytes for piece in self._paced)
+        if self.transport is None:
+            return waiting
+        try:
+            return waiting + self.transport.get_write_buffer_size()
+        except (AttributeError, RuntimeError):
+            return waiting
+
+    def _pace(self) -> None:
+        """Python 3.11's transport copies into a buffer of its own whatever the kernel does not take at once
+        (64 MiB at a time, for a large frame), and its writelines joins everything first. So a large frame
+        goes to it a slice at a time, each once the last has left: all but a slice's tail is sent from the
+        sender's own memory. Later Pythons send from our buffers as they are."""
+        transport = self.transport
+        paced = self._paced
+        while paced and not transport.get_write_buffer_size():
+            piece = paced[0]
+            if piece.nbytes > _PACE_SLICE:
+                paced[0] = piece[_PACE_SLICE:]
+                piece = piece[:_PACE_SLICE]
+            else:
+                paced.popleft()
+            transport.write(piece)
+        if not paced and self._close_when_paced:
+            transport.close()
+
+    def pause_writing(self) -> None:
+        pass  # (with a high-water mark of 0, only its counterpart matters: see _pace)
+
+    def resume_writing(self) -> None:
+        if self._paced:
+            self._pace()
 
     def fail(self, error: BaseException) -> None:
         """Close this connection because of `error` (reported once through on_lost)."""
@@ -198,6 +241,7 @@ class FramedConnection(asyncio.BufferedProtocol):
             return
         self.error = error
         self.closed = True
+        self._paced.clear()
         if self.transport is not None:
             self.transport.close()
         if self._timer is not None:
@@ -205,9 +249,13 @@ class FramedConnection(asyncio.BufferedProtocol):
         self._report_lost(error)
 
     def close(self) -> None:
+        """Close once everything sent has left (as a transport's close does with its own buffer)."""
         if self.transport is not None and not self.closed:
             self.closed = True
-            self.transport.close()
+            if self._paced:
+                self._close_when_paced = True
+            else:
+                self.transport.close()
 
 
 # Bytes written to a connection and not yet taken by its peer beyond which task output is dropped (and
@@ -224,13 +272,8 @@ def loop_is_idle(loop: asyncio.AbstractEventLoop) -> bool:
 
 def backlog(conn: Any) -> int:
     """Bytes written to a connection that its peer has not taken yet (0 for an in-process link)."""
-    transport = getattr(conn, "transport", None)
-    if transport is None:
-        return 0
-    try:
-        return transport.get_write_buffer_size()
-    except (AttributeError, RuntimeError):
-        return 0
+    unsent = getattr(conn, "unsent", None)
+    return unsent() if unsent is not None else 0
 
 
 def _ignore_lost(conn: FramedConnection, exc: BaseException | None) -> None:
