@@ -30,22 +30,6 @@ def test_frames_survive_any_split_of_the_stream(piece):
     assert bytes(messages[2].buffers[0]) == b"tail"
 
 
-@pytest.mark.parametrize("piece", [1000, 65536, 3 << 20])
-def test_a_large_frame_between_small_ones_arrives_whole_however_the_stream_is_cut(piece):
-    big = os.urandom(3 << 20)
-    stream = b"".join([
-        P.encode_bytes({"t": "small", "i": 1}, [b"a"]),
-        P.encode_bytes({"t": "big"}, [b"head", big, b"tail"]),
-        P.encode_bytes({"t": "small", "i": 2}),
-    ])
-    reader = P.FrameReader()
-    messages = feed_in_pieces(reader, stream, piece)
-    assert [m.type for m in messages] == ["small", "big", "small"]
-    assert [bytes(b) for b in messages[1].buffers] == [b"head", big, b"tail"]
-    assert messages[2].header["i"] == 2
-    assert reader.buffered == 0
-
-
 def read_into_reader(reader: P.FrameReader, stream: bytes, most: int, pos: int = 0) -> list[P.Message]:
     """As the connections read a socket: at most `most` bytes at a time, into the buffer the reader offers."""
     out = []
@@ -58,20 +42,21 @@ def read_into_reader(reader: P.FrameReader, stream: bytes, most: int, pos: int =
     return out
 
 
-@pytest.mark.parametrize("most", [1000, 65536, 3 << 20])
-def test_reading_into_the_readers_buffer_gives_what_feeding_it_gives(most):
-    big = os.urandom(3 << 20)
+@pytest.mark.parametrize("piece", [1000, 65536, 3 << 20])
+@pytest.mark.parametrize("take", [feed_in_pieces, read_into_reader], ids=["fed", "read into its buffer"])
+def test_a_large_frame_between_small_ones_arrives_whole_however_the_stream_is_cut(piece, take):
+    big, middling = os.urandom(3 << 20), os.urandom(300_000)  # more than a read's scratch, less than large
     stream = b"".join([
         P.encode_bytes({"t": "small", "i": 1}, [b"a"]),
         P.encode_bytes({"t": "big"}, [b"head", big, b"tail"]),
-        P.encode_bytes({"t": "small", "i": 2}, [os.urandom(300_000)]),
+        P.encode_bytes({"t": "small", "i": 2}, [middling]),
         P.encode_bytes({"t": "small", "i": 3}),
     ])
     reader = P.FrameReader()
-    messages = read_into_reader(reader, stream, most)
-    assert messages == feed_in_pieces(P.FrameReader(), stream, most)
+    messages = take(reader, stream, piece)
     assert [m.type for m in messages] == ["small", "big", "small", "small"]
     assert [bytes(b) for b in messages[1].buffers] == [b"head", big, b"tail"]
+    assert messages[2].buffers == [middling] and messages[3].header["i"] == 3
     assert reader.buffered == 0
 
 
