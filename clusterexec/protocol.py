@@ -175,7 +175,6 @@ class FrameReader:
         self._buf = bytearray()
         self._need: tuple[int, int, list[int]] | None = None  # header_len, payload_len, buffer lens
         self._frame: mmap.mmap | bytearray | None = None  # a large frame being filled in place
-        self._frame_view: memoryview | None = None
         self._filled = 0
         # `feed` copies out whatever it is given before it returns, so readers that take turns in one
         # thread may share a scratch buffer.
@@ -183,15 +182,15 @@ class FrameReader:
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes of the stream should be read into; then call `filled` with their count."""
-        if self._frame_view is not None:
-            return self._frame_view[self._filled :]
+        if self._frame is not None:
+            return memoryview(self._frame)[self._filled :]
         if self._scratch is None:
             self._scratch = memoryview(bytearray(self.SCRATCH))
         return self._scratch
 
     def filled(self, n: int) -> list[Message]:
         """The messages completed by `n` bytes read into the buffer `get_buffer` returned."""
-        if self._frame_view is None:
+        if self._frame is None:
             return self.feed(self._scratch[:n])
         self._filled += n
         if self._filled < len(self._frame):
@@ -200,7 +199,7 @@ class FrameReader:
 
     def _frame_done(self) -> Message:
         frame = self._frame
-        self._frame, self._frame_view, self._filled = None, None, 0
+        self._frame, self._filled = None, 0
         return self._message(frame)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Message]:
@@ -246,7 +245,7 @@ class FrameReader:
                     with memoryview(buf) as view:
                         frame[:have] = view[pos:]
                     pos += have
-                    self._frame, self._frame_view, self._filled = frame, memoryview(frame), have
+                    self._frame, self._filled = frame, have
                 break
             with memoryview(buf) as view:
                 frame = bytes(view[pos : pos + size])
