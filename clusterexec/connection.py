@@ -194,7 +194,8 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self.closed or self.transport is None:
             return
         pieces = P.encode(header, buffers)
-        if self._paced or (_PACE_LARGE and P.nbytes(pieces) >= P.FrameReader.LARGE):
+        # (len > 2: a frame with buffers; a header alone is small, and its size is not worth counting here)
+        if self._paced or (_PACE_LARGE and len(pieces) > 2 and P.nbytes(pieces) >= P.FrameReader.LARGE):
             self._paced.extend(memoryview(p).cast("B") for p in pieces)
             self._pace()
         else:
