@@ -190,7 +190,7 @@ class Scheduler:
         for ts in reversed(list(node.assigned.values())):
             ts.node = None
             if ts.kill_requested:
-                self._finish(ts, "error", [], {"kind": "killed", "started": ts.started})
+                self._killed(ts, ts.started)
             elif ts.started:
                 self._attempt_failed(ts, lost)
             else:
@@ -220,7 +220,7 @@ class Scheduler:
             if self._cancel_unanswered(ts):
                 continue  # (forgotten: the node's "refused" for it counts for nothing)
             if ts.kill_requested:
-                self._finish(ts, "error", [], {"kind": "killed", "started": False})
+                self._killed(ts, False)
             else:
                 self._requeue_front(ts)
         return back
@@ -356,7 +356,7 @@ class Scheduler:
                 continue
             if ts.node is None:
                 ts.cancelled = True  # lazily skipped in the queue
-                self._finish(ts, "error", [], {"kind": "killed", "started": False})
+                self._killed(ts, False)
             else:
                 ts.kill_requested = True
                 ts.node.out_kill.append(ts.gid)
@@ -408,6 +408,10 @@ class Scheduler:
                 request.refused.append(ts.task.id)
         request.waiting.discard(node_id)
         self._maybe_answer(request, key)
+
+    def _killed(self, ts: TaskState, started: bool) -> None:
+        """End a task the client killed: its Future fails with TaskKilled."""
+        self._finish(ts, "error", [], {"kind": "killed", "started": started})
 
     def _cancel_unanswered(self, ts: TaskState) -> bool:
         """The client asked to cancel this task and its node has not answered, and now never will about it
