@@ -913,6 +913,7 @@ def _settle(future: Future, value: Any, exc: BaseException | None) -> None:
         future._result = value
         future._exception = exc
         future._state = FINISHED
+        future._cx_record = None  # the record points back at the Future: left, the pair waits for the gc
         for waiter in future._waiters:
             if exc is None:
                 waiter.add_result(future)

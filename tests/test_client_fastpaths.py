@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import pickle
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, as_completed, wait
 
@@ -294,6 +296,31 @@ def test_set_result_wakes_result_wait_and_as_completed_and_runs_callbacks():
     futures[1].cancel()
     C._set_result(futures[1], "late")
     assert futures[1].cancelled()
+
+
+class Oops(Exception):
+    pass
+
+
+def fail(x):
+    raise Oops(x)
+
+
+def test_a_future_and_its_result_go_when_the_caller_drops_them_without_the_gc(ex):
+    # Kept until the next garbage collection, a loop over 64 MiB results grew by 64 MiB a task.
+    gc.collect()
+    gc.disable()
+    try:
+        done = ex.submit(identity, Point(1, 2))
+        failed = ex.submit(fail, 3)
+        value = done.result(timeout=30)
+        error = failed.exception(timeout=30)
+        assert isinstance(error, Oops)
+        refs = [weakref.ref(done), weakref.ref(value), weakref.ref(failed), weakref.ref(error)]
+        del done, value, failed, error
+        wait_until(lambda: all(ref() is None for ref in refs), timeout=5, what="the Futures to be freed")
+    finally:
+        gc.enable()
 
 
 def test_queue_frame_sends_the_same_bytes_in_fewer_pieces():
