@@ -29,7 +29,7 @@ from . import shm
 from .address import DEFAULT_PORT, parse_address
 from .auth import resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
-from .errors import SerializationError
+from .errors import ClusterError, SerializationError
 from .local import LocalCluster, default_nprocs
 
 
@@ -459,8 +459,14 @@ def _advance(bar: Any, n: int, _: Future) -> None:
     bar.update(n)
 
 
-def _remove_segments(markers: list[Any], _: Future) -> None:
-    shm.remove(markers)
+def _remove_segments(markers: list[Any], future: Future) -> None:
+    """A task is over: its argument segments go. Those read into a copy may be written again (shm.py) once a
+    task process is surely done reading them: when the task came back with its result or its own exception,
+    not when a kill, a lost worker or a cancel ended it."""
+    if not future.cancelled() and not isinstance(future.exception(), ClusterError):
+        shm.recycle(markers)
+    else:
+        shm.remove(markers)
 
 
 def _item_chunks(source: Iterable[Any], n: int) -> Iterator[Any]:

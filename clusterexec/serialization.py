@@ -21,6 +21,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import memory
 from .errors import RemoteError, SerializationError
 from .protocol import Blob, blob_hash
 
@@ -43,7 +44,9 @@ def dumps(obj: Any, phase: str) -> list[Any]:
         raw = buf.raw()
         if raw.nbytes < _OOB_MIN:
             return True  # serialize in band
-        oob.append(raw)
+        # A whole `bytes` travels as itself: it tells shared memory (shm.py) that it will be copied out.
+        whole = raw.obj
+        oob.append(whole if type(whole) is bytes and len(whole) == raw.nbytes else raw)
         return False
 
     try:
@@ -89,7 +92,7 @@ def _plain(obj: Any) -> bool:
 
 class _OutOfBandBytes:
     """Pickles a large `bytes` as an out-of-band buffer (pickle copies `bytes` into its stream otherwise),
-    and unpickles as the same `bytes`."""
+    and unpickles as the same `bytes` (see `_bytes_from`)."""
 
     __slots__ = ("data",)
 
@@ -97,7 +100,13 @@ class _OutOfBandBytes:
         self.data = data
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        return bytes, (pickle.PickleBuffer(self.data),)
+        return _bytes_from, (pickle.PickleBuffer(self.data),)
+
+
+def _bytes_from(buffer: Any) -> bytes:
+    """A large `bytes` from its out-of-band buffer: the buffer itself when it already is one (read whole from
+    shared memory), else a copy in memory that is quick to fill."""
+    return buffer if type(buffer) is bytes else memory.bytes_from(buffer)
 
 
 def _big_bytes_out_of_band(obj: Any, depth: int) -> Any:

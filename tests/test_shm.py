@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
 from conftest import _env, is_gone, reap, wait_until
 
-from clusterexec import ClusterExecutor
+from clusterexec import ClusterExecutor, TaskKilled
 from clusterexec import shm as SHM
 
 pytestmark = [pytest.mark.timeout(90),
@@ -22,6 +23,15 @@ pytestmark = [pytest.mark.timeout(90),
 
 def segments(prefix: str) -> list[str]:
     return glob.glob(os.path.join(SHM.SHM_DIR, glob.escape(prefix) + "-*"))
+
+
+def in_use(prefix: str) -> list[str]:
+    """Segments of PREFIX outside the pool of free ones."""
+    return [path for path in segments(prefix) if not path.endswith(SHM.FREE)]
+
+
+def pooled(prefix: str) -> int:
+    return sum(os.stat(path).st_size for path in segments(prefix) if path.endswith(SHM.FREE))
 
 
 def identity(x):
@@ -53,7 +63,8 @@ def test_large_bytes_and_arrays_round_trip_and_leave_nothing_behind():
         results = list(ex.map(identity, [payload[: (1 << 20) + i] for i in range(6)]))
         assert [len(r) for r in results] == [(1 << 20) + i for i in range(6)]
         assert ex.submit(identity, (payload, {"k": payload})).result(timeout=60) == (payload, {"k": payload})
-        wait_until(lambda: not segments(prefix), what="the segments to be removed")
+        wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
+        assert 0 < pooled(prefix) <= SHM.POOL_MAX
     assert not segments(prefix)
 
 
@@ -70,13 +81,75 @@ def test_a_retried_task_finds_its_arguments_again(tmp_path):
     with ClusterExecutor(max_workers=1) as ex:
         prefix = ex._shm_prefix
         size, head, tail = ex.submit(die_once_then_measure, str(tmp_path / "died"), data).result(timeout=60)
-        wait_until(lambda: not segments(prefix), what="the segments to be removed")
+        wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
     assert (size, head, tail) == (len(data), data[:4], data[-4:])
+
+
+def test_pooled_segments_carry_each_payload_whole_whatever_its_size():
+    # Each segment is written over a pooled one of another size: shrunk, grown, or the same.
+    sizes = [8 << 20, 2 << 20, 12 << 20, (1 << 20) + 1, 12 << 20, 5 << 20]
+    payloads = [bytes([i]) * 7 + os.urandom(size - 7) for i, size in enumerate(sizes)]
+    with ClusterExecutor(max_workers=2) as ex:
+        prefix = ex._shm_prefix
+        for payload in payloads:
+            assert ex.submit(identity, payload).result(timeout=60) == payload
+        assert list(ex.map(identity, payloads * 3)) == payloads * 3  # in flight together, pool shared
+        wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
+        assert 0 < pooled(prefix) <= SHM.POOL_MAX
+
+
+def hold_then_measure(seconds, data):
+    time.sleep(seconds)
+    return len(data)
+
+
+def test_the_argument_of_a_killed_task_is_removed_not_pooled():
+    # A killed task's process may still be reading its arguments: its segment must never be written again.
+    with ClusterExecutor(max_workers=1) as ex:
+        prefix = ex._shm_prefix
+        future = ex.submit(hold_then_measure, 30, os.urandom(4 << 20))
+        wait_until(future.running, what="the task to start")
+        assert len(in_use(prefix)) == 1
+        assert ex.kill(future)
+        with pytest.raises(TaskKilled):
+            future.result(timeout=30)
+        wait_until(lambda: not in_use(prefix), what="the segment to be removed")
+        assert pooled(prefix) == 0
+        assert ex.submit(hold_then_measure, 0, os.urandom(4 << 20)).result(timeout=60) == 4 << 20
+        wait_until(lambda: not in_use(prefix), what="the segment to be pooled")
+        assert pooled(prefix) == 4 << 20
+
+
+def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_limit(monkeypatch):
+    prefix = SHM.new_prefix()
+    try:
+        small, large = SHM.put(os.urandom(1 << 20), prefix), SHM.put(os.urandom(3 << 20), prefix)
+        SHM.recycle([small, large])
+        assert pooled(prefix) == 4 << 20 and not in_use(prefix)
+        data = os.urandom((1 << 20) - 5)
+        marker = SHM.put(data, prefix)  # over the 1 MiB one, cut to size
+        assert pooled(prefix) == 3 << 20
+        assert SHM.get(marker, unlink=True) == data  # read whole into a new bytes, and pooled again
+        assert pooled(prefix) == (4 << 20) - 5
+        monkeypatch.setattr(SHM, "POOL_MAX", 5 << 20)
+        over = SHM.put(os.urandom(2 << 20), prefix)  # takes the 3 MiB one (the only one that fits)
+        assert pooled(prefix) == (1 << 20) - 5
+        also = SHM.put(os.urandom(5 << 20), prefix)  # none fits: the largest is grown
+        assert pooled(prefix) == 0
+        SHM.recycle([over, also])  # 2 MiB fits under the limit; 5 MiB more would not: removed
+        assert pooled(prefix) == 2 << 20 and not in_use(prefix)
+        array = memoryview(os.urandom(2 << 20)).cast("d")
+        mapped = SHM.put(array, prefix)  # anything but a bytes is mapped where it lies, and only removed
+        back = SHM.get(mapped, unlink=True)
+        assert isinstance(back, memoryview) and back.tobytes() == array.tobytes()
+        assert not segments(prefix)
+    finally:
+        SHM.remove_prefix(prefix)
 
 
 KILLED_CLIENT = textwrap.dedent("""
     import os, sys, time
-    from clusterexec import ClusterExecutor
+    from clusterexec import ClusterExecutor, TaskKilled
 
     def hold(data):
         time.sleep(60)
