@@ -57,6 +57,13 @@ def bytes_read(fd: int, size: int) -> bytes:
     fresh = _new_bytes(size) if size >= HUGE_MIN else None
     if fresh is None:
         data = os.pread(fd, size, 0)
+        if len(data) < size:  # (one read returns at most 2 GiB on Linux)
+            parts = [data]
+            done = len(data)
+            while done < size and parts[-1]:
+                parts.append(os.pread(fd, size - done, done))
+                done += len(parts[-1])
+            data = b"".join(parts)
         if len(data) != size:
             raise OSError(f"short read: {len(data)} of {size} bytes")
         return data

@@ -123,19 +123,18 @@ def get(marker: Any, unlink: bool = False) -> bytes | memoryview:
     copied, name = _parse(marker)
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_RDONLY)
+    read = False
     try:
         size = os.fstat(fd).st_size
         if copied:
             data: Any = memory.bytes_read(fd, size)
         else:
             data = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else b""
+        read = True
     finally:
         os.close(fd)
-    if unlink:
-        if copied:
-            recycle([marker])
-        else:
-            remove([marker])
+        if unlink:
+            (recycle if copied and read else remove)([marker])
     return data if copied else memoryview(data)
 
 
