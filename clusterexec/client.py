@@ -126,6 +126,7 @@ class ClusterFuture(Future):
         with self._condition:
             if self._state == CANCELLED:
                 self.set_running_or_notify_cancel()
+            self._cx_record = None  # (see _settle)
 
 
 class _Record:
@@ -315,6 +316,7 @@ class ClientConnection:
             for r in records:
                 if r.state == UNSENT:
                     r.state = CANCELLED_HERE
+                    r.task = None  # (the IO thread drops the record itself when it next takes the outbox)
                     answer[r.id] = True
                 elif r.state == SENT and self.broken is None:
                     remote.append(r)
@@ -362,6 +364,7 @@ class ClientConnection:
         with self._lock:
             if record.state == UNSENT:
                 record.state = CANCELLED_HERE
+                record.task = None
                 unsent = True
             elif record.state == SENT and self.broken is None:
                 record.kill_requested = True

@@ -323,6 +323,23 @@ def test_a_future_and_its_result_go_when_the_caller_drops_them_without_the_gc(ex
         gc.enable()
 
 
+def test_cancelled_futures_go_when_the_caller_drops_them_without_the_gc():
+    with ClusterExecutor(max_workers=1) as ex:
+        blocker = ex.submit(time.sleep, 1.0)
+        wait_until(blocker.running, what="the blocker to start")
+        gc.collect()
+        gc.disable()
+        try:
+            futures = [ex.submit(identity, Point(i, i)) for i in range(20)]  # queued behind the blocker
+            refs = [weakref.ref(f) for f in futures]
+            assert all(f.cancel() for f in futures)
+            del futures
+            wait_until(lambda: all(ref() is None for ref in refs), timeout=5, what="the Futures to be freed")
+        finally:
+            gc.enable()
+        blocker.result(timeout=30)
+
+
 def test_queue_frame_sends_the_same_bytes_in_fewer_pieces():
     holder = type("Holder", (), {})()
     holder._wbuf = deque()
