@@ -138,7 +138,11 @@ class ClusterExecutor(Executor):
     def _send(self, deps: list[Any], bufs: list[Any], opts: dict[str, Any], chunk: bool) -> Future:
         """Queue one task; in local mode its large buffers go through shared memory."""
         bufs, task_opts, markers = self._offload(bufs, opts)
-        future = self._conn.submit(deps, bufs, task_opts, chunk=chunk)
+        try:
+            future = self._conn.submit(deps, bufs, task_opts, chunk=chunk)
+        except BaseException:
+            shm.remove(markers)
+            raise
         if markers:
             future.add_done_callback(functools.partial(_remove_segments, markers))  # its retries are over too
         return future

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import sys
 from typing import Any
 
-HUGE_MIN = 4 << 20  # below this, huge pages save little: plain copies
+# Below this, plain copies: malloc may serve a smaller block from its heap (glibc maps anything from 32 MiB
+# up on its own), and advice given there would stay on the heap for good.
+HUGE_MIN = 32 << 20
 _HUGE_PAGE = 2 << 20
 _HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
 
@@ -48,7 +51,8 @@ def bytes_from(buffer: Any) -> bytes:
     if fresh is None:
         return bytes(view)
     data, target = fresh
-    target[:] = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    with target:
+        target[:] = view if view.format == "B" and view.ndim == 1 else view.cast("B")
     return data
 
 
@@ -69,55 +73,70 @@ def bytes_read(fd: int, size: int) -> bytes:
         return data
     data, target = fresh
     done = 0
-    while done < size:
-        n = os.preadv(fd, [target[done:]], done)
-        if n <= 0:
-            raise OSError(f"short read: {done} of {size} bytes")
-        done += n
+    with target:
+        while done < size:
+            n = os.preadv(fd, [target[done:]], done)
+            if n <= 0:
+                raise OSError(f"short read: {done} of {size} bytes")
+            done += n
     return data
 
 
-_api: Any = None  # (PyBytes_FromStringAndSize, madvise, ctypes) once loaded; False where unavailable
+_api: Any = None  # (new bytes, memory view, address of, madvise) once loaded; False where unavailable
+_PyBUF_WRITE = 0x200
 
 
 def _new_bytes(size: int) -> tuple[bytes, memoryview] | None:
-    """A new `bytes` of `size` with its contents unset, and a writable view of them, or None where this
-    cannot be done. The interior of the allocation (which malloc maps fresh and leaves untouched) is asked
-    for huge pages before the caller writes it."""
+    """A new `bytes` of `size` with its contents unset, and a writable view of them (to fill before the
+    `bytes` is shown to anyone, and to release after), or None where this cannot be done. The interior of
+    the allocation, which malloc has just mapped and nothing has touched, is asked for huge pages."""
     global _api
     if _api is None:
         _api = _load_api()
     if not _api:
         return None
-    new, madvise, ctypes = _api
-    data = new(None, size)
-    address = ctypes.cast(data, ctypes.c_void_p).value
+    new_bytes, memory_view, address_of, madvise = _api
+    data = new_bytes(None, size)
+    if type(data) is not bytes or len(data) != size:
+        return None
+    address = address_of(data)
     start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
     end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
     if madvise is not None and end > start:
         madvise(start, end - start, mmap.MADV_HUGEPAGE)  # advice only: a failure changes nothing
-    return data, memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+    return data, memory_view(address, size, _PyBUF_WRITE)
 
 
 def _load_api() -> Any:
+    """The C functions `_new_bytes` needs, through prototypes of our own (the shared `ctypes.pythonapi`
+    attributes are anyone's to reconfigure), and a check that they do what we think. CPython only."""
+    if sys.implementation.name != "cpython":
+        return False
     try:
         import ctypes
 
-        new = ctypes.pythonapi.PyBytes_FromStringAndSize
-    except (ImportError, AttributeError, OSError):
+        api = ctypes.pythonapi
+        new_bytes = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_char_p, ctypes.c_ssize_t)(
+            ("PyBytes_FromStringAndSize", api))
+        memory_view = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)(
+            ("PyMemoryView_FromMemory", api))
+
+        def address_of(data: bytes) -> int:
+            return ctypes.cast(data, ctypes.c_void_p).value  # (ctypes passes a bytes as its contents' address)
+
+        probe = new_bytes(b"clusterexec probe", 17)
+        if ctypes.string_at(address_of(probe), 17) != b"clusterexec probe":
+            return False
+        memory_view(address_of(probe), 5, _PyBUF_WRITE)[:] = b"CLUST"
+        if probe != b"CLUSTerexec probe":  # written where the object's own contents are, not a copy of them
+            return False
+        madvise = None
+        if _HUGE_PAGES:
+            try:
+                madvise = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)(
+                    ("madvise", ctypes.CDLL(None)))
+            except (OSError, AttributeError):
+                madvise = None
+    except Exception:  # noqa: BLE001 - any surprise here means plain copies, not a failure
         return False
-    new.restype = ctypes.py_object
-    new.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
-    # The address ctypes gives for a `bytes` must be where its contents are: checked once.
-    probe = new(b"clusterexec", 11)
-    if ctypes.string_at(ctypes.cast(probe, ctypes.c_void_p).value, 11) != b"clusterexec":
-        return False
-    madvise = None
-    if _HUGE_PAGES:
-        try:
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            madvise.restype = ctypes.c_int
-        except (OSError, AttributeError):
-            madvise = None
-    return new, madvise, ctypes
+    return new_bytes, memory_view, address_of, madvise

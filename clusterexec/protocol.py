@@ -42,7 +42,7 @@ from typing import Any
 from .errors import AuthenticationError, ProtocolError, VersionMismatch  # noqa: F401 - raised from here
 from .memory import large_buffer
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: large `bytes` unpickle through clusterexec.serialization._bytes_from
 MAGIC = b"CLEX"
 TLS_REQUIRED = b"CLXT"  # in place of MAGIC: "this master requires TLS" (see TLS_REQUIRED_HELLO)
 CHALLENGE_SIZE = 32

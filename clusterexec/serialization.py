@@ -39,18 +39,21 @@ def dumps(obj: Any, phase: str) -> list[Any]:
         except (Exception, SystemExit) as e:
             raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     oob: list[Any] = []
+    wrapped: set[int] = set()  # ids of the `bytes` that _OutOfBandBytes carries
 
     def callback(buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if raw.nbytes < _OOB_MIN:
             return True  # serialize in band
-        # A whole `bytes` travels as itself: it tells shared memory (shm.py) that it will be copied out.
+        # A `bytes` that unpickles as a `bytes` travels as itself: that tells shared memory (shm.py) that
+        # the receiver copies it out.
         whole = raw.obj
-        oob.append(whole if type(whole) is bytes and len(whole) == raw.nbytes else raw)
+        oob.append(whole if type(whole) is bytes and id(whole) in wrapped else raw)
         return False
 
     try:
-        main = cloudpickle.dumps(_big_bytes_out_of_band(obj, 3), protocol=PROTOCOL, buffer_callback=callback)
+        main = cloudpickle.dumps(_big_bytes_out_of_band(obj, 3, wrapped), protocol=PROTOCOL,
+                                 buffer_callback=callback)
     except (Exception, SystemExit) as e:  # a __reduce__ calling sys.exit() is a pickling failure too
         raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
     return [main, *oob]
@@ -109,22 +112,25 @@ def _bytes_from(buffer: Any) -> bytes:
     return buffer if type(buffer) is bytes else memory.bytes_from(buffer)
 
 
-def _big_bytes_out_of_band(obj: Any, depth: int) -> Any:
+def _big_bytes_out_of_band(obj: Any, depth: int, wrapped: set[int]) -> Any:
     """`obj` with the large `bytes` near its top (an argument, an item of `map`, a result) wrapped to travel
-    out of band; everything else untouched."""
+    out of band, their ids added to `wrapped`; everything else untouched."""
     kind = type(obj)
     if kind is bytes:
-        return _OutOfBandBytes(obj) if len(obj) >= _OOB_MIN else obj
+        if len(obj) < _OOB_MIN:
+            return obj
+        wrapped.add(id(obj))
+        return _OutOfBandBytes(obj)
     if depth <= 0:
         return obj
     if kind is tuple or kind is list:
         if len(obj) > 8:  # a chunk of map items, a list of results: not worth a walk per item
             return obj
-        items = [_big_bytes_out_of_band(item, depth - 1) for item in obj]
+        items = [_big_bytes_out_of_band(item, depth - 1, wrapped) for item in obj]
         return kind(items) if any(a is not b for a, b in zip(items, obj, strict=True)) else obj
     if kind is dict and 0 < len(obj) <= 8:
-        wrapped = {k: _big_bytes_out_of_band(v, depth - 1) for k, v in obj.items()}
-        return wrapped if any(wrapped[k] is not v for k, v in obj.items()) else obj
+        out = {k: _big_bytes_out_of_band(v, depth - 1, wrapped) for k, v in obj.items()}
+        return out if any(out[k] is not v for k, v in obj.items()) else obj
     return obj
 
 

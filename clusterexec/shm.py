@@ -13,7 +13,7 @@ are. There are two kinds of segment, told apart by the marker:
   resolves, a result's once mapped), and its memory goes when the last mapping does.
 - **copied**: a whole `bytes` (a large `bytes` argument or result, or a large main pickle), which the reader
   turns into a new `bytes` anyway. It reads the segment straight into one and never maps it, so once read
-  the segment can be written again: it goes to a pool of free segments (up to POOL_MAX bytes), and the next
+  the segment can be written again: it goes to a pool of free segments (see pool_limit), and the next
   large buffer is written over its pages rather than into new ones (page faults are most of the cost of
   writing 64 MiB into a new tmpfs file: 35 ms against 10). An argument's segment is recycled only when its
   task came back with a result or its own exception, that is when a task process has read it for the last
@@ -40,7 +40,7 @@ MIN_SIZE = 1 << 20  # smaller buffers are cheaper through the socket
 MARKER = b"clusterexec-shm:"  # a mapped segment
 MARKER_COPIED = b"clusterexec-shm-copied:"  # a segment read into a new `bytes`
 FREE = "-free"  # the suffix of a segment in the pool
-POOL_MAX = 256 << 20  # free segments kept for reuse, in bytes, per local cluster
+POOL_MAX = 256 << 20  # free segments kept for reuse, in bytes, per local cluster (see pool_limit)
 ENV_PREFIX = "CLUSTEREXEC_SHM_PREFIX"  # set in local mode's child, inherited by its task processes
 
 _counter = itertools.count()
@@ -57,14 +57,17 @@ def new_prefix() -> str:
 def put(data: Any, prefix: str) -> bytes:
     """Write `data` to a segment (a free one when the pool has one); returns the marker to send in its place:
     a copied segment's for a `bytes`, a mapped one's for anything else. Raises OSError (say, a full
-    /dev/shm), for the caller to send the buffer the usual way instead."""
+    /dev/shm, or the name taken already), for the caller to send the buffer the usual way instead."""
     name = f"{prefix}-{os.getpid()}-{next(_counter)}"
     path = os.path.join(SHM_DIR, name)
     view = memoryview(data).cast("B")
-    fd = _take_free(prefix, path, view.nbytes)
-    if fd is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    # The name is ours only if we create it: a pooled segment is then renamed over this empty file.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
+        taken = _take_free(prefix, path, view.nbytes)
+        if taken is not None:
+            os.close(fd)
+            fd = taken
         offset = 0
         while offset < len(view):
             offset += os.pwrite(fd, view[offset:], offset)
@@ -77,27 +80,44 @@ def put(data: Any, prefix: str) -> bytes:
 
 
 def _take_free(prefix: str, path: str, size: int) -> int | None:
-    """A segment from the pool renamed to `path` and cut to `size`, open for writing; None when the pool has
-    none. The smallest that holds `size`, else the largest (whose pages are reused as far as they go)."""
+    """A segment from the pool, renamed over `path` and cut to `size`, open for writing; None when the pool
+    has none. The smallest that holds `size`, else the largest (whose pages are reused as far as they go)."""
     free = _free_segments(prefix)
-    if not free:
-        return None
     free.sort()
     fits = [f for f in free if f[0] >= size]
     for _, candidate in fits or reversed(free):
         try:
-            os.rename(candidate, path)  # atomic: if another process took it first, this fails
+            fd = os.open(candidate, os.O_WRONLY)
         except OSError:
+            continue  # taken meanwhile
+        try:
+            os.rename(candidate, path)  # atomic: of several processes opening it, one renames it
+        except OSError:
+            os.close(fd)
             continue
-        fd = os.open(path, os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
         except BaseException:
             os.close(fd)
-            os.unlink(path)
             raise
         return fd
     return None
+
+
+def pool_limit() -> int:
+    """Bytes of free segments to keep: POOL_MAX, or a quarter of /dev/shm when that is smaller (a container's
+    /dev/shm may hold 64 MiB in all)."""
+    global _pool_limit
+    if _pool_limit is None:
+        try:
+            st = os.statvfs(SHM_DIR)
+            _pool_limit = min(POOL_MAX, st.f_blocks * st.f_frsize // 4)
+        except OSError:
+            _pool_limit = 0
+    return _pool_limit
+
+
+_pool_limit: int | None = None
 
 
 def _free_segments(prefix: str) -> list[tuple[int, str]]:
@@ -150,7 +170,7 @@ def recycle(markers: list[Any]) -> None:
         try:
             if copied and not name.endswith(FREE):
                 size = os.stat(path).st_size
-                if size + sum(s for s, _ in _free_segments(prefix)) <= POOL_MAX:
+                if size + sum(s for s, _ in _free_segments(prefix)) <= pool_limit():
                     os.rename(path, path + FREE)
                     continue
             os.unlink(path)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -31,8 +34,24 @@ def test_bytes_from_a_buffer_and_from_a_file_hold_the_same_bytes(size, tmp_path)
         os.close(fd)
 
 
+@pytest.mark.skipif(sys.implementation.name != "cpython", reason="the fast path is CPython's")
+def test_the_fast_path_is_taken_and_keeps_to_its_own_ctypes_prototypes():
+    fresh = M._new_bytes(M.HUGE_MIN)
+    assert fresh is not None  # else every test here passes on plain copies alone
+    fresh[1].release()
+    shared = ctypes.pythonapi.PyBytes_FromStringAndSize
+    saved = shared.restype, shared.argtypes
+    shared.restype, shared.argtypes = ctypes.c_void_p, None  # another library's settings
+    try:
+        data = os.urandom(M.HUGE_MIN + 1)
+        copy = M.bytes_from(data)
+        assert type(copy) is bytes and copy == data
+    finally:
+        shared.restype, shared.argtypes = saved
+
+
 def test_bytes_from_views_of_any_shape_and_format():
-    array = np.random.default_rng(0).random((1024, 1024))  # 8 MiB of float64, 2-D
+    array = np.random.default_rng(0).random((4096, 1025))  # 32 MiB of float64, 2-D
     assert M.bytes_from(array) == array.tobytes()
     assert M.bytes_from(memoryview(array).cast("B").cast("d")) == array.tobytes()
     strided = array[:, ::2]  # not contiguous: copied in order, the slow way
@@ -40,6 +59,16 @@ def test_bytes_from_views_of_any_shape_and_format():
     frame = M.large_buffer(M.HUGE_MIN * 2)
     frame[-3:] = b"end"
     assert M.bytes_from(memoryview(frame)[M.HUGE_MIN:]) == bytes(M.HUGE_MIN - 3) + b"end"
+
+
+class Carrier:
+    """Hands its own bytes to pickle as an out-of-band buffer: it must get a buffer back, not our `bytes`."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return Carrier, (pickle.PickleBuffer(self.data),)
 
 
 def test_a_large_bytes_pickles_out_of_band_as_itself_and_comes_back_equal():
@@ -50,3 +79,5 @@ def test_a_large_bytes_pickles_out_of_band_as_itself_and_comes_back_equal():
     assert back == ({"x": data}, data[:100]) and type(back[0]["x"]) is bytes
     whole = bytes(data)
     assert S.loads([main, whole], "unpickling")[0]["x"] is whole  # as read from shared memory: taken as is
+    _, carried = S.dumps(Carrier(data), "pickling")
+    assert type(carried) is memoryview  # someone else's buffer travels as a buffer (mapped, in local mode)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import _env, is_gone, reap, wait_until
 
-from clusterexec import ClusterExecutor, TaskKilled
+from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout
 from clusterexec import shm as SHM
 
 pytestmark = [pytest.mark.timeout(90),
@@ -64,7 +64,7 @@ def test_large_bytes_and_arrays_round_trip_and_leave_nothing_behind():
         assert [len(r) for r in results] == [(1 << 20) + i for i in range(6)]
         assert ex.submit(identity, (payload, {"k": payload})).result(timeout=60) == (payload, {"k": payload})
         wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
-        assert 0 < pooled(prefix) <= SHM.POOL_MAX
+        assert 0 < pooled(prefix) <= SHM.pool_limit()
     assert not segments(prefix)
 
 
@@ -95,7 +95,7 @@ def test_pooled_segments_carry_each_payload_whole_whatever_its_size():
             assert ex.submit(identity, payload).result(timeout=60) == payload
         assert list(ex.map(identity, payloads * 3)) == payloads * 3  # in flight together, pool shared
         wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
-        assert 0 < pooled(prefix) <= SHM.POOL_MAX
+        assert 0 < pooled(prefix) <= SHM.pool_limit()
 
 
 def hold_then_measure(seconds, data):
@@ -103,21 +103,59 @@ def hold_then_measure(seconds, data):
     return len(data)
 
 
-def test_the_argument_of_a_killed_task_is_removed_not_pooled():
+@pytest.mark.parametrize("end", ["kill", "timeout"])
+def test_the_argument_of_a_killed_task_is_removed_not_pooled(end):
     # A killed task's process may still be reading its arguments: its segment must never be written again.
     with ClusterExecutor(max_workers=1) as ex:
         prefix = ex._shm_prefix
-        future = ex.submit(hold_then_measure, 30, os.urandom(4 << 20))
+        submit = ex.options(timeout=1).submit if end == "timeout" else ex.submit
+        future = submit(hold_then_measure, 30, os.urandom(4 << 20))
         wait_until(future.running, what="the task to start")
         assert len(in_use(prefix)) == 1
-        assert ex.kill(future)
-        with pytest.raises(TaskKilled):
+        if end == "kill":
+            assert ex.kill(future)
+        with pytest.raises(TaskKilled if end == "kill" else TaskTimeout):
             future.result(timeout=30)
         wait_until(lambda: not in_use(prefix), what="the segment to be removed")
         assert pooled(prefix) == 0
         assert ex.submit(hold_then_measure, 0, os.urandom(4 << 20)).result(timeout=60) == 4 << 20
         wait_until(lambda: not in_use(prefix), what="the segment to be pooled")
         assert pooled(prefix) == 4 << 20
+
+
+def test_task_processes_write_their_results_over_pooled_segments_too():
+    data = os.urandom(2 << 20)
+    with ClusterExecutor(max_workers=1) as ex:
+        prefix = ex._shm_prefix
+
+        def pool_after(rounds):
+            for _ in range(rounds):
+                assert ex.submit(identity, data).result(timeout=60) == data
+            wait_until(lambda: not in_use(prefix), what="the segments to be pooled")
+            return sorted(os.path.basename(p) for p in segments(prefix))
+
+        first = pool_after(2)
+        # Each round the client takes a segment for the argument and the task process one for the result,
+        # and both come back: the pool neither grows nor shrinks. (Had the task process written a new file,
+        # it would grow by one a round.)
+        assert len(pool_after(5)) == len(first) == 2
+
+
+def test_a_segment_name_in_use_is_never_written_over(monkeypatch):
+    prefix = SHM.new_prefix()
+    try:
+        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix)])
+        monkeypatch.setattr(SHM, "_counter", iter([7]))
+        taken = os.path.join(SHM.SHM_DIR, f"{prefix}-{os.getpid()}-7")
+        with open(taken, "wb") as f:  # (a process of a reused pid left it, say)
+            f.write(b"someone else's")
+        with pytest.raises(FileExistsError):
+            SHM.put(os.urandom(1 << 20), prefix)
+        with open(taken, "rb") as f:
+            assert f.read() == b"someone else's"
+        assert pooled(prefix) == 1 << 20  # and the pooled segment is still there
+    finally:
+        SHM.remove_prefix(prefix)
 
 
 def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_limit(monkeypatch):
@@ -131,7 +169,7 @@ def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_lim
         assert pooled(prefix) == 3 << 20
         assert SHM.get(marker, unlink=True) == data  # read whole into a new bytes, and pooled again
         assert pooled(prefix) == (4 << 20) - 5
-        monkeypatch.setattr(SHM, "POOL_MAX", 5 << 20)
+        monkeypatch.setattr(SHM, "_pool_limit", 5 << 20)
         over = SHM.put(os.urandom(2 << 20), prefix)  # takes the 3 MiB one (the only one that fits)
         assert pooled(prefix) == (1 << 20) - 5
         also = SHM.put(os.urandom(5 << 20), prefix)  # none fits: the largest is grown
@@ -149,7 +187,7 @@ def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_lim
 
 KILLED_CLIENT = textwrap.dedent("""
     import os, sys, time
-    from clusterexec import ClusterExecutor, TaskKilled
+    from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout
 
     def hold(data):
         time.sleep(60)
