@@ -6,7 +6,7 @@ honoured when the kernel's THP setting is `always` or `madvise`), it takes one f
 Linux 6.18 for 64 MiB: `bytes(view)` 27 ms, a `bytes` filled this way 7 ms; a `bytearray` 59 ms, an
 anonymous mapping filled this way 4 ms. (On a virtual machine that hands free memory back to its host, a
 huge page unused for a while costs the host a fault when it comes back: seen here as the odd 150-200 ms
-copy. The medians still gain.)
+copy. The medians still gain. CLUSTEREXEC_HUGE_PAGES=0 in the environment turns the advice off.)
 
 - `large_buffer(size)`: writable memory for a large frame, which a socket then fills.
 - `bytes_from(buffer)` and `bytes_read(fd, size)`: a new `bytes` holding a copy of a buffer, or of a file's
@@ -26,7 +26,9 @@ from typing import Any
 # up on its own), and advice given there would stay on the heap for good.
 HUGE_MIN = 32 << 20
 _HUGE_PAGE = 2 << 20
-_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE")
+# CLUSTEREXEC_HUGE_PAGES=0 turns the advice off (say, on a VM that returns free memory to its host, where a
+# huge page unused for a while is slow to come back): large buffers are then filled in 4 KiB pages.
+_HUGE_PAGES = hasattr(mmap, "MADV_HUGEPAGE") and os.environ.get("CLUSTEREXEC_HUGE_PAGES", "1") != "0"
 
 
 def large_buffer(size: int) -> mmap.mmap | bytearray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -81,3 +83,35 @@ def test_a_large_bytes_pickles_out_of_band_as_itself_and_comes_back_equal():
     assert S.loads([main, whole], "unpickling")[0]["x"] is whole  # as read from shared memory: taken as is
     _, carried = S.dumps(Carrier(data), "pickling")
     assert type(carried) is memoryview  # someone else's buffer travels as a buffer (mapped, in local mode)
+
+
+HUGE_PAGE_FLAG = textwrap.dedent("""
+    import os, sys
+    from clusterexec import memory as M
+
+    def flags_at(address):
+        lines = open("/proc/self/smaps").read().splitlines()
+        for i, line in enumerate(lines):
+            fields = line.split()
+            if "-" in fields[0] and len(fields) > 4:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+
+    data = M.bytes_from(os.urandom(2 * M.HUGE_MIN))
+    frame = M.large_buffer(M.HUGE_MIN)
+    import ctypes
+    middle = ctypes.cast(data, ctypes.c_void_p).value + M.HUGE_MIN
+    frame_at = ctypes.addressof(ctypes.c_char.from_buffer(frame))
+    print("hg" in flags_at(middle), "hg" in flags_at(frame_at))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"), reason="no THP here")
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_huge_pages_are_asked_for_unless_turned_off(setting):
+    env = {**os.environ, "CLUSTEREXEC_HUGE_PAGES": setting}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_FLAG], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == (["False", "False"] if setting == "0" else ["True", "True"])
