@@ -20,8 +20,10 @@ are. There are two kinds of segment, told apart by the marker:
   time; after a kill, a crash or a cancel it is unlinked instead.
 
 The pool is shared by the client and its task processes: a free segment is named PREFIX-…-free, and taken
-by renaming it, which only one process can do. The local-mode child removes everything of PREFIX when it
-stops, pool included, so nothing survives even a SIGKILLed client.
+by renaming it, which only one process can do. A result nobody will read goes as soon as that is known: the
+agent recycles those it discards (their task was killed meanwhile), and removes those a task process wrote
+but died before sending (named after their task for this). The local-mode child removes everything of
+PREFIX when it stops, pool included, so nothing survives even a SIGKILLed client.
 """
 
 from __future__ import annotations
@@ -54,11 +56,15 @@ def new_prefix() -> str:
     return f"clusterexec-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def put(data: Any, prefix: str) -> bytes:
+def put(data: Any, prefix: str, task: int | None = None) -> bytes:
     """Write `data` to a segment (a free one when the pool has one); returns the marker to send in its place:
     a copied segment's for a `bytes`, a mapped one's for anything else. Raises OSError (say, a full
-    /dev/shm, or the name taken already), for the caller to send the buffer the usual way instead."""
-    name = f"{prefix}-{os.getpid()}-{next(_counter)}"
+    /dev/shm, or the name taken already), for the caller to send the buffer the usual way instead.
+
+    A task process names the task whose result it writes: should it die before the marker is sent, the
+    agent finds the segment by that name (see remove_unsent)."""
+    tag = "" if task is None else f"t{task}."
+    name = f"{prefix}-{os.getpid()}-{tag}{next(_counter)}"
     path = os.path.join(SHM_DIR, name)
     view = memoryview(data).cast("B")
     # The name is ours only if we create it: a pooled segment is then renamed over this empty file.
@@ -186,6 +192,28 @@ def remove(markers: list[Any]) -> None:
             pass
 
 
+def remove_unsent(prefix: str, pid: int, tasks: set[int]) -> None:
+    """Remove the result segments process `pid` wrote for these tasks: it died before their markers
+    reached anyone, so no one else knows their names. (Not the pool's: those belong to every process.)"""
+    start = f"{prefix}-{pid}-t"
+    try:
+        with os.scandir(SHM_DIR) as entries:
+            doomed = [entry.path for entry in entries if entry.name.startswith(start)
+                      and not entry.name.endswith(FREE) and _task_of(entry.name[len(start):]) in tasks]
+    except OSError:
+        return
+    for path in doomed:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _task_of(rest: str) -> int | None:
+    head, dot, _ = rest.partition(".")
+    return int(head) if dot and head.isdigit() else None
+
+
 def remove_prefix(prefix: str) -> None:
     """Everything left of one local cluster."""
     for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "-*")):
@@ -195,9 +223,9 @@ def remove_prefix(prefix: str) -> None:
             pass
 
 
-def offload(buffers: list[Any], prefix: str) -> tuple[list[Any], list[int]]:
+def offload(buffers: list[Any], prefix: str, task: int | None = None) -> tuple[list[Any], list[int]]:
     """Move the large buffers to shared memory: the new buffer list and the indices now holding markers
-    (the list itself, and no index, when none is large)."""
+    (the list itself, and no index, when none is large). `task`: see put."""
     large = [i for i, buf in enumerate(buffers) if _size(buf) >= MIN_SIZE]
     if not large:
         return buffers, []
@@ -205,7 +233,7 @@ def offload(buffers: list[Any], prefix: str) -> tuple[list[Any], list[int]]:
     out = list(buffers)
     for i in large:
         try:
-            out[i] = put(buffers[i], prefix)
+            out[i] = put(buffers[i], prefix, task)
         except OSError:
             continue  # no room in /dev/shm: this one goes through the socket
         moved.append(i)

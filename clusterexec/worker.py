@@ -632,6 +632,7 @@ class Agent:
         task = proc.task
         proc.runs += 1
         if task is None or task.id != gid:
+            _discard(bufs, info)
             return
         proc.tasks.popleft()
         now = time.monotonic()
@@ -650,6 +651,7 @@ class Agent:
             proc.deadline = None
         if task.id in proc.skip:
             proc.skip.discard(task.id)
+            _discard(bufs, info)
             return
         lost_output = self._output_dropped.pop((task.id, proc.pid), 0)
         if lost_output:
@@ -757,6 +759,9 @@ class Agent:
         # results, held back to go out together, died with it), those after it had not started. Only the task
         # it died of counts: the one it was killed for, or else the one running. The others run again.
         held = {t.id for t in proc.tasks}
+        prefix = os.environ.get(shm.ENV_PREFIX)
+        if prefix and held:  # local mode: results it wrote to shared memory and never sent
+            shm.remove_unsent(prefix, proc.pid, held)
         if proc.kill_for is not None:
             culprit = proc.kill_for
         else:
@@ -778,6 +783,12 @@ class Agent:
                 self.queue.extendleft(reversed(again))
         if not self.closing:
             self._spawn()
+
+
+def _discard(bufs: list[Any], info: Any) -> None:
+    """A result nobody will read: its shared-memory segments (local mode) go back to the pool or away."""
+    if isinstance(info, dict) and info.get("shm"):
+        shm.recycle([bufs[i] for i in info["shm"] if i < len(bufs)])
 
 
 def _forget_stale_registration(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -895,7 +906,7 @@ class _TaskRunner:
             self.tasks_run += 1
             self.phase[0] = _SENDING_RESULT
             if self.shm_prefix and status == "ok":
-                bufs, moved = shm.offload(bufs, self.shm_prefix)
+                bufs, moved = shm.offload(bufs, self.shm_prefix, task.id)
                 if moved:
                     info = {"shm": moved}
             if output is not None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import _env, is_gone, reap, wait_until
 
-from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout
+from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout, WorkerLostError
 from clusterexec import shm as SHM
 
 pytestmark = [pytest.mark.timeout(90),
@@ -185,9 +185,76 @@ def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_lim
         SHM.remove_prefix(prefix)
 
 
+def pause(seconds):
+    time.sleep(seconds)
+
+
+def zeros(n):
+    return bytes(n)
+
+
+class _ExitOnFlush:
+    """Stands in for sys.stdout: a task process flushes it right after writing a result to shared memory."""
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        os._exit(3)
+
+
+def zeros_then_die(n):
+    sys.stdout = _ExitOnFlush()
+    return bytes(n)
+
+
+def test_a_result_written_by_a_process_that_died_before_sending_it_is_removed():
+    with ClusterExecutor(max_workers=1) as ex:
+        prefix = ex._shm_prefix
+        future = ex.options(retries=0).submit(zeros_then_die, 2 << 20)
+        with pytest.raises(WorkerLostError):
+            future.result(timeout=60)
+        # The dead process wrote its result's segment but never sent the marker: no one else knows its name.
+        wait_until(lambda: not in_use(prefix), what="the dead process's segment to be removed")
+        assert ex.submit(zeros, 2 << 20).result(timeout=60) == bytes(2 << 20)  # and the cluster goes on
+
+
+def test_a_result_nobody_wants_any_more_is_removed_or_pooled():
+    with ClusterExecutor(max_workers=1) as ex:
+        prefix = ex._shm_prefix
+        for _ in range(20):  # both functions quick, so a task of one queues in the process behind the other
+            ex.submit(pause, 0).result(timeout=60)
+            ex.submit(zeros, 1).result(timeout=60)
+        first = ex.submit(pause, 0.5)
+        unwanted = ex.submit(zeros, 2 << 20)  # queued behind it; its result will be discarded
+        wait_until(first.running, what="the first task to start")
+        assert ex.kill(unwanted)
+        with pytest.raises(TaskKilled):
+            unwanted.result(timeout=30)
+        first.result(timeout=30)
+        wait_until(lambda: not in_use(prefix), what="the unwanted result's segment to be removed or pooled")
+
+
+def test_only_the_unsent_results_of_the_dead_process_are_removed():
+    prefix = SHM.new_prefix()
+    try:
+        mine = {task: SHM.put(os.urandom(1 << 20), prefix, task) for task in (1, 12, 2)}
+        untagged = SHM.put(os.urandom(1 << 20), prefix)  # an argument, say
+        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix, 1)])  # in the pool: everyone's
+        SHM.remove_unsent(prefix, os.getpid() + 1, {1, 12, 2})  # another process's: none of these
+        assert len(in_use(prefix)) == 4
+        SHM.remove_unsent(prefix, os.getpid(), {1, 2})
+        assert SHM.get(mine[12]) and SHM.get(untagged)
+        assert sorted(in_use(prefix)) == sorted(os.path.join(SHM.SHM_DIR, SHM._parse(m)[1])
+                                                for m in (mine[12], untagged))
+        assert pooled(prefix) == 1 << 20
+    finally:
+        SHM.remove_prefix(prefix)
+
+
 KILLED_CLIENT = textwrap.dedent("""
     import os, sys, time
-    from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout
+    from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout, WorkerLostError
 
     def hold(data):
         time.sleep(60)
