@@ -1,7 +1,7 @@
 """Large buffers through shared memory in local mode, instead of through two sockets each way.
 
-    client ── arguments ≥ 1 MiB: written to /dev/shm/PREFIX-N ──────────────▶ task process reads or maps it
-    client ◀── result buffers ≥ 1 MiB: written to /dev/shm/PREFIX-N by the task ── client reads or maps it
+    client ── arguments ≥ 1 MiB: written to /dev/shm/PREFIX/PREFIX-PID-N ──────▶ task process reads or maps it
+    client ◀── result buffers ≥ 1 MiB: written there by the task process ──────── client reads or maps it
 
 Only in local mode, where the client and its task processes share one machine. The master and agent still
 see opaque buffers: a buffer that went through shared memory travels as a small marker naming its segment,
@@ -19,8 +19,10 @@ are. There are two kinds of segment, told apart by the marker:
   task came back with a result or its own exception, that is when a task process has read it for the last
   time; after a kill, a crash or a cancel it is unlinked instead.
 
-The pool is shared by the client and its task processes: a free segment is named PREFIX-…-free, and taken
-by renaming it, which only one process can do. A result nobody will read goes as soon as that is known: the
+Each local cluster keeps its segments in a directory of its own, /dev/shm/PREFIX (mode 0700): nobody else
+sees their names, and looking for free segments lists only ours. The pool is shared by the client and its
+task processes: a free segment is named PREFIX-…-free, and taken by renaming it, which only one process
+can do. A result nobody will read goes as soon as that is known: the
 agent recycles those it discards (their task was killed meanwhile), and removes those a task process wrote
 but died before sending (named after their task for this). The local-mode child removes everything of
 PREFIX when it stops, pool included, so nothing survives even a SIGKILLed client.
@@ -28,11 +30,11 @@ PREFIX when it stops, pool included, so nothing survives even a SIGKILLed client
 
 from __future__ import annotations
 
-import glob
 import itertools
 import mmap
 import os
 import secrets
+import shutil
 from typing import Any
 
 from . import memory
@@ -52,8 +54,23 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-def new_prefix() -> str:
-    return f"clusterexec-{os.getpid()}-{secrets.token_hex(4)}"
+def new_prefix() -> str | None:
+    """A new local cluster's prefix, its directory made; None when /dev/shm will not have it."""
+    prefix = f"clusterexec-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.mkdir(os.path.join(SHM_DIR, prefix), 0o700)
+    except OSError:
+        return None
+    return prefix
+
+
+def _path(name: str) -> str:
+    """Where a segment lives: in the directory of its prefix (a name is PREFIX-PID-N, PREFIX clusterexec-P-H)."""
+    return os.path.join(SHM_DIR, name[:_prefix_end(name)], name)
+
+
+def _prefix_end(name: str) -> int:
+    return name.index("-", name.index("-", len("clusterexec-")) + 1)
 
 
 def put(data: Any, prefix: str, task: int | None = None) -> bytes:
@@ -65,7 +82,7 @@ def put(data: Any, prefix: str, task: int | None = None) -> bytes:
     agent finds the segment by that name (see remove_unsent)."""
     tag = "" if task is None else f"t{task}."
     name = f"{prefix}-{os.getpid()}-{tag}{next(_counter)}"
-    path = os.path.join(SHM_DIR, name)
+    path = _path(name)
     view = memoryview(data).cast("B")
     # The name is ours only if we create it: a pooled segment is then renamed over this empty file.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -129,11 +146,10 @@ _pool_limit: int | None = None
 def _free_segments(prefix: str) -> list[tuple[int, str]]:
     """(size, path) of every segment in the pool of PREFIX."""
     out = []
-    start = prefix + "-"
     try:
-        with os.scandir(SHM_DIR) as entries:
+        with os.scandir(os.path.join(SHM_DIR, prefix)) as entries:
             for entry in entries:
-                if entry.name.startswith(start) and entry.name.endswith(FREE):
+                if entry.name.endswith(FREE):
                     try:
                         out.append((entry.stat().st_size, entry.path))
                     except OSError:
@@ -147,8 +163,7 @@ def get(marker: Any, unlink: bool = False) -> bytes | memoryview:
     """What a marker stands for: a copied segment as a new `bytes` (then recycled, when `unlink`), a mapped
     one mapped copy-on-write (writable, and changes stay in this process; then unlinked, when `unlink`)."""
     copied, name = _parse(marker)
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(_path(name), os.O_RDONLY)
     read = False
     try:
         size = os.fstat(fd).st_size
@@ -171,8 +186,8 @@ def recycle(markers: list[Any]) -> None:
             copied, name = _parse(marker)
         except ValueError:
             continue
-        path = os.path.join(SHM_DIR, name)
-        prefix = name.rsplit("-", 2)[0]
+        path = _path(name)
+        prefix = name[:_prefix_end(name)]
         try:
             if copied and not name.endswith(FREE):
                 size = os.stat(path).st_size
@@ -187,7 +202,7 @@ def recycle(markers: list[Any]) -> None:
 def remove(markers: list[Any]) -> None:
     for marker in markers:
         try:
-            os.unlink(os.path.join(SHM_DIR, _parse(marker)[1]))
+            os.unlink(_path(_parse(marker)[1]))
         except (OSError, ValueError):
             pass
 
@@ -197,7 +212,7 @@ def remove_unsent(prefix: str, pid: int, tasks: set[int]) -> None:
     reached anyone, so no one else knows their names. (Not the pool's: those belong to every process.)"""
     start = f"{prefix}-{pid}-t"
     try:
-        with os.scandir(SHM_DIR) as entries:
+        with os.scandir(os.path.join(SHM_DIR, prefix)) as entries:
             doomed = [entry.path for entry in entries if entry.name.startswith(start)
                       and not entry.name.endswith(FREE) and _task_of(entry.name[len(start):]) in tasks]
     except OSError:
@@ -215,12 +230,8 @@ def _task_of(rest: str) -> int | None:
 
 
 def remove_prefix(prefix: str) -> None:
-    """Everything left of one local cluster."""
-    for path in glob.glob(os.path.join(SHM_DIR, glob.escape(prefix) + "-*")):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+    """Everything left of one local cluster: its directory."""
+    shutil.rmtree(os.path.join(SHM_DIR, prefix), ignore_errors=True)
 
 
 def offload(buffers: list[Any], prefix: str, task: int | None = None) -> tuple[list[Any], list[int]]:
@@ -262,6 +273,6 @@ def _parse(marker: Any) -> tuple[bool, str]:
     else:
         raise ValueError("not a shared-memory marker")
     name = raw.decode()
-    if "/" in name or not name.startswith("clusterexec-"):
+    if "/" in name or name.count("-") < 3 or not name.startswith("clusterexec-"):
         raise ValueError(f"bad shared-memory segment name {name!r}")
     return copied, name

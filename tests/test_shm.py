@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.timeout(90),
 
 
 def segments(prefix: str) -> list[str]:
-    return glob.glob(os.path.join(SHM.SHM_DIR, glob.escape(prefix) + "-*"))
+    return glob.glob(os.path.join(SHM.SHM_DIR, glob.escape(prefix), "*"))
 
 
 def in_use(prefix: str) -> list[str]:
@@ -56,6 +56,8 @@ def test_large_bytes_and_arrays_round_trip_and_leave_nothing_behind():
     with ClusterExecutor(max_workers=2) as ex:
         prefix = ex._shm_prefix
         assert prefix
+        # The cluster's segments are in a directory of its own, which only this user may enter.
+        assert os.stat(os.path.join(SHM.SHM_DIR, prefix)).st_mode & 0o777 == 0o700
         assert ex.submit(identity, payload).result(timeout=60) == payload
         back = ex.submit(identity, array).result(timeout=60)
         assert np.array_equal(back, array)
@@ -65,7 +67,7 @@ def test_large_bytes_and_arrays_round_trip_and_leave_nothing_behind():
         assert ex.submit(identity, (payload, {"k": payload})).result(timeout=60) == (payload, {"k": payload})
         wait_until(lambda: not in_use(prefix), what="the segments to be removed or pooled")
         assert 0 < pooled(prefix) <= SHM.pool_limit()
-    assert not segments(prefix)
+    assert not os.path.exists(os.path.join(SHM.SHM_DIR, prefix))  # its directory too
 
 
 def test_a_task_changes_only_its_own_copy():
@@ -146,7 +148,7 @@ def test_a_segment_name_in_use_is_never_written_over(monkeypatch):
     try:
         SHM.recycle([SHM.put(os.urandom(1 << 20), prefix)])
         monkeypatch.setattr(SHM, "_counter", iter([7]))
-        taken = os.path.join(SHM.SHM_DIR, f"{prefix}-{os.getpid()}-7")
+        taken = os.path.join(SHM.SHM_DIR, prefix, f"{prefix}-{os.getpid()}-7")
         with open(taken, "wb") as f:  # (a process of a reused pid left it, say)
             f.write(b"someone else's")
         with pytest.raises(FileExistsError):
@@ -245,7 +247,7 @@ def test_only_the_unsent_results_of_the_dead_process_are_removed():
         assert len(in_use(prefix)) == 4
         SHM.remove_unsent(prefix, os.getpid(), {1, 2})
         assert SHM.get(mine[12]) and SHM.get(untagged)
-        assert sorted(in_use(prefix)) == sorted(os.path.join(SHM.SHM_DIR, SHM._parse(m)[1])
+        assert sorted(in_use(prefix)) == sorted(os.path.join(SHM.SHM_DIR, prefix, SHM._parse(m)[1])
                                                 for m in (mine[12], untagged))
         assert pooled(prefix) == 1 << 20
     finally:
@@ -280,6 +282,6 @@ def test_a_killed_client_leaves_no_segment_behind(tmp_path):
         client.send_signal(signal.SIGKILL)
         client.wait(10)
         wait_until(lambda: is_gone(int(child)), timeout=20, what="the local cluster to stop")
-        assert not segments(prefix)
+        assert not os.path.exists(os.path.join(SHM.SHM_DIR, prefix))  # its directory too
     finally:
         reap(client)
