@@ -12,11 +12,18 @@ bare relays written with nothing but sockets, threads and `selectors`, shaped li
 Each bare relay moves 60 bytes and does no other work, so its time is wake-ups and system calls only:
 whatever clusterexec adds on top of the 3-process floor is its own Python (pickling, framing, JSON,
 scheduling, asyncio). Compare with `python benchmarks/run.py --only roundtrip`.
+
+Two more rows sketch a local mode without the master and agent in between: the client's own pieces
+(function blob, cloudpickle arguments, "run" and "results" frames, a ClusterFuture) talking straight to a
+real task process (`worker._TaskRunner`) over a socketpair; the task sent by the IO thread as today, or
+by the caller itself. What they lack (scheduling, kills, time limits, crash reports, output) is what such
+a design would have to add back without giving up their speed.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import selectors
 import socket
@@ -27,6 +34,11 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 from workloads import noop
+
+from clusterexec import protocol as P
+from clusterexec import serialization as S
+from clusterexec.client import ClusterFuture, _set_result
+from clusterexec.worker import _TaskRunner
 
 MESSAGE = b"x" * 60
 
@@ -118,6 +130,77 @@ def bare_chain(rounds: int, with_relay: bool) -> float:
     return statistics.median(times[rounds // 10:])
 
 
+def parts_chain(rounds: int, caller_sends: bool) -> float:
+    """Median seconds per round trip: clusterexec's client pieces and a real task process, nothing between."""
+    near, far = socket.socketpair()
+    pid = os.fork()  # (no other thread runs now)
+    if pid == 0:
+        near.close()
+        try:
+            _TaskRunner(far, mmap.mmap(-1, 16), None).serve()
+        finally:
+            os._exit(0)
+    far.close()
+    lock = threading.Lock()
+    pending: dict[int, ClusterFuture] = {}
+    outbox: list[tuple[int, P.Task]] = []
+    sent = P.BlobLRU()
+    wake_r, wake_w = os.pipe()
+
+    def send_locked(tasks: list[tuple[int, P.Task]]) -> None:
+        entries, buffers = P.encode_tasks(tasks, sent)
+        near.sendmsg(P.encode({"t": "run", "tasks": entries}, buffers))
+
+    def io_thread() -> None:
+        reader = P.FrameReader()
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        sel.register(near, selectors.EVENT_READ, "conn")
+        while True:
+            for key, _ in sel.select():
+                if key.data == "wake":
+                    if not os.read(wake_r, 64):
+                        return
+                    with lock:
+                        send_locked(outbox[:])
+                        outbox.clear()
+                    continue
+                n = near.recv_into(reader.get_buffer())
+                if not n:
+                    return
+                for msg in reader.filled(n):
+                    items = msg.header["items"]
+                    for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
+                        with lock:
+                            future = pending.pop(item[0])
+                        _set_result(future, S.loads(bufs, "unpickling the result"))
+
+    thread = threading.Thread(target=io_thread, daemon=True)
+    thread.start()
+    times = []
+    try:
+        for tid in range(1, rounds + rounds // 10 + 1):
+            t0 = time.perf_counter()
+            task = P.Task(0, [S.function_blob(noop)], S.dumps(((), {}), "pickling the arguments"), None)
+            future = ClusterFuture()
+            with lock:
+                pending[tid] = future
+                if caller_sends:
+                    send_locked([(tid, task)])
+                else:
+                    outbox.append((tid, task))
+                    os.write(wake_w, b"\0")
+            future.result()
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(wake_w)
+        thread.join(5)
+        os.close(wake_r)
+        near.close()  # the task process reads end-of-file and exits
+        os.waitpid(pid, 0)
+    return statistics.median(times[rounds // 10:])
+
+
 def ppe_round_trip(rounds: int) -> float:
     with ProcessPoolExecutor(2) as ex:
         for _ in range(rounds // 10):
@@ -137,7 +220,9 @@ def main() -> None:
     ppe = ppe_round_trip(args.rounds)
     rows = [("ProcessPoolExecutor(2)", ppe),
             ("bare chain, 3 processes (local mode's layout)", bare_chain(args.rounds, with_relay=True)),
-            ("bare chain, 2 processes (no master hop)", bare_chain(args.rounds, with_relay=False))]
+            ("bare chain, 2 processes (no master hop)", bare_chain(args.rounds, with_relay=False)),
+            ("our pieces, 2 processes, IO thread sends", parts_chain(args.rounds, caller_sends=False)),
+            ("our pieces, 2 processes, caller sends", parts_chain(args.rounds, caller_sends=True))]
     width = max(len(name) for name, _ in rows)
     print(f"{'median round trip':{width}}  {'µs':>6}  {'/PPE':>5}")
     for name, seconds in rows:
