@@ -52,8 +52,10 @@ class Master:
 
     def __init__(self, key: bytes, *, prefetch: int | None = None, heartbeat_interval: float = 1.0,
                  heartbeat_timeout: float = 5.0, max_frame: int = P.DEFAULT_MAX_FRAME,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, client_timeout: float = 60.0):
         self.key = key
+        # A client whose machine no longer acknowledges our pings for this long is gone (see _hello).
+        self.client_timeout = client_timeout
         self.ssl_context = ssl_context  # TLS on every connection (see _tls_gate); None: plain TCP
         self._gates: set[asyncio.Task] = set()
         self.max_frame = max_frame
@@ -212,6 +214,7 @@ class Master:
             self._client_conn[cid] = conn
             self._client_cache[cid] = P.BlobLRU()
             conn.state = ("client", cid)
+            _abort_unacknowledged(conn, self.client_timeout)
             conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
                        "nodes": len(self.scheduler.nodes), "version": __version__,
                        "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout], "max_frame": self.max_frame})
@@ -321,8 +324,15 @@ class Master:
             self._output_dropped.pop(ident, None)
             self._compat_wait.pop(ident, None)
             self._stranded.pop(ident, None)
+            client = self.scheduler.clients.get(ident)
+            running = sum(1 for ts in client.tasks.values() if ts.node is not None) if client else 0
             self.scheduler.remove_client(ident)
-            log.info("client %d disconnected", ident)
+            if isinstance(exc, TimeoutError):
+                log.warning("client %d (%s) stopped acknowledging for %g s: presumed gone with its machine or "
+                            "network; its %d tasks on worker nodes are stopped and its queued ones dropped", ident,
+                            conn.peer, self.client_timeout, running)
+            else:
+                log.info("client %d disconnected", ident)
         elif kind == "node":
             self._node_conn.pop(ident, None)
             self._node_sent.pop(ident, None)
@@ -496,6 +506,20 @@ class Master:
         }
 
 
+def _abort_unacknowledged(conn: FramedConnection, seconds: float) -> None:
+    """Have the kernel give up on this TCP connection when what we send (pings, every heartbeat interval)
+    stays unacknowledged for `seconds`: the peer's machine is down or cut off. A peer that is merely busy
+    still acknowledges, as its kernel does that. Without this, TCP retries for about 15 minutes."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or seconds <= 0:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+    except OSError:
+        pass
+
+
 def _peer_info(conn: FramedConnection, header: dict[str, Any]) -> dict[str, Any]:
     return {"host": str(header.get("host", "?")), "pid": header.get("pid"), "name": header.get("name"),
             "python": header.get("python"), "cloudpickle": header.get("cloudpickle"), "address": conn.peer}
@@ -599,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-timeout", type=float, default=5.0, metavar="S",
                         help="a worker node silent this long is presumed dead and its tasks go elsewhere "
                              "(default 5)")
+    parser.add_argument("--client-timeout", type=float, default=60.0, metavar="S",
+                        help="a client whose machine acknowledges nothing for this long (down, or cut off by the "
+                             "network) is given up on: its running tasks are stopped, its queued ones dropped "
+                             "(default 60; 0: leave it to TCP, about 15 minutes)")
     parser.add_argument("--max-frame-mb", type=int, default=P.DEFAULT_MAX_FRAME >> 20, metavar="MB",
                         help="largest message a peer may send, which bounds what the master buffers for one "
                              f"connection (default {P.DEFAULT_MAX_FRAME >> 20})")
@@ -619,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("clusterexec.master: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
+        return 2
+    if args.client_timeout < 0:
+        print("clusterexec.master: --client-timeout must be 0 or more", file=sys.stderr)
         return 2
     try:
         key, source = resolve_key(args.authkey, args.authkey_file, create=True)
@@ -660,7 +691,8 @@ def _remove_address_file(path: str) -> None:
 
 async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
     master = Master(key, heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout,
-                    max_frame=args.max_frame_mb << 20, ssl_context=args.ssl_context)
+                    max_frame=args.max_frame_mb << 20, ssl_context=args.ssl_context,
+                    client_timeout=args.client_timeout)
     # Signals first: a SIGTERM right after start (say, scancel) still stops cleanly and removes the
     # address file.
     stop = asyncio.Event()

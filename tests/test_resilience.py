@@ -1156,6 +1156,91 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
         cluster.stop()
 
 
+CLIENT_TIMEOUT = 3.0
+
+
+def test_a_client_cut_off_by_the_network_is_given_up_on_and_others_get_its_workers(netns, tmp_path):
+    # A client whose machine vanishes sends no FIN: without a limit the master would keep its tasks, running
+    # and queued, until TCP gave up (about 15 minutes), holding the workers from everyone else.
+    cluster = _NsCluster(tmp_path)
+    cluster.host = netns.host_ip
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    cut_off = None
+    try:
+        cluster.start_master(0, *FAST_BEAT, "--client-timeout", str(CLIENT_TIMEOUT), "--host", netns.host_ip)
+        agent = cluster.start_worker(1).pid
+        script = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(HERE)!r})
+            from clusterexec import ClusterExecutor
+            from test_resilience import write_pid_and_sleep
+            ex = ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="cut-off")
+            futures = [ex.submit(write_pid_and_sleep, {str(pids_dir)!r}, i, 30) for i in range(3)]
+            while not futures[0].running():
+                time.sleep(0.01)
+            print("running", flush=True)
+            time.sleep(60)
+        """)
+        cut_off = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
+                                   stdout=subprocess.PIPE, env=_env())
+        assert cut_off.stdout.readline().strip() == b"running"
+        [task_pid] = wait_until(lambda: [_pid_of(p) for p in pids_dir.iterdir()], what="the first task's pid file")
+        assert task_pid in agent_children(agent)
+        netns.ip("link", "set", netns.veth_ns, "down", ns=True)  # the partition: no FIN, no RST, silence
+        t0 = time.monotonic()
+        with _executor(cluster, name="next-client") as ex:
+            assert ex.submit(square, 7).result(timeout=CLIENT_TIMEOUT + 10) == 49
+            assert time.monotonic() - t0 < CLIENT_TIMEOUT + 4, "the worker must be free once the client is given up"
+            assert [c["name"] for c in ex.cluster_info()["clients"]] == ["next-client"]
+        assert is_gone(task_pid)  # its running task was killed
+        assert len(list(pids_dir.iterdir())) == 1  # and its queued ones never ran
+        _wait_for_log(cluster.log_dir / "master.log", "stopped acknowledging", within=2)
+    finally:
+        netns.ip("link", "set", netns.veth_ns, "up", ns=True)
+        if cut_off is not None:
+            reap(cut_off)
+        cluster.stop()
+
+
+def test_a_frozen_client_is_not_given_up_on_its_machine_still_acknowledges(tmp_path):
+    cluster = Cluster(tmp_path)
+    client = None
+    try:
+        cluster.start_master(0, *FAST_BEAT, "--client-timeout", "1.5")
+        cluster.start_worker(1)
+        script = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(HERE)!r})
+            from clusterexec import ClusterExecutor
+            from test_resilience import sleep_and_ppid
+            with ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}) as ex:
+                future = ex.submit(sleep_and_ppid, 5, "done")
+                while not future.running():
+                    time.sleep(0.01)
+                print("running", flush=True)
+                print(future.result(timeout=30)[0], flush=True)
+        """)
+        client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, env=_env())
+        assert client.stdout.readline().strip() == b"running"
+        client.send_signal(signal.SIGSTOP)  # Ctrl-Z, a debugger, a swapping laptop: its kernel still answers
+        try:
+            time.sleep(3.5)
+        finally:
+            client.send_signal(signal.SIGCONT)
+        assert client.stdout.readline().strip() == b"done"  # the same task, never stopped and run again
+        assert client.wait(10) == 0
+        stderr = client.stderr.read().decode()
+        assert "lost the connection" not in stderr, stderr
+        assert "stopped acknowledging" not in _read(cluster.log_dir / "master.log")
+    finally:
+        if client is not None:
+            client.send_signal(signal.SIGCONT)
+            reap(client)
+        cluster.stop()
+
+
 def test_a_kill_sent_just_before_the_master_dies_still_holds_after_the_restart(tmp_path):
     cluster = Cluster(tmp_path)
     try:
