@@ -27,6 +27,7 @@ import platform
 import signal
 import socket
 import ssl
+import struct
 import sys
 import time
 from asyncio import sslproto
@@ -54,7 +55,7 @@ class Master:
                  heartbeat_timeout: float = 5.0, max_frame: int = P.DEFAULT_MAX_FRAME,
                  ssl_context: ssl.SSLContext | None = None, client_timeout: float = 60.0):
         self.key = key
-        # A client whose machine no longer acknowledges our pings for this long is gone (see _hello).
+        # A client whose machine no longer acknowledges our pings for this long is gone (see _unanswered_for).
         self.client_timeout = client_timeout
         self.ssl_context = ssl_context  # TLS on every connection (see _tls_gate); None: plain TCP
         self._gates: set[asyncio.Task] = set()
@@ -214,7 +215,6 @@ class Master:
             self._client_conn[cid] = conn
             self._client_cache[cid] = P.BlobLRU()
             conn.state = ("client", cid)
-            _abort_unacknowledged(conn, self.client_timeout)
             conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
                        "nodes": len(self.scheduler.nodes), "version": __version__,
                        "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout], "max_frame": self.max_frame})
@@ -364,8 +364,11 @@ class Master:
                 conn.fail(TimeoutError("no heartbeat"))
             else:
                 conn.send({"t": "ping"})
-        for conn in self._client_conn.values():
-            conn.send({"t": "ping"})
+        for conn in list(self._client_conn.values()):
+            if self.client_timeout and _unanswered_for(conn) > self.client_timeout:
+                conn.fail(TimeoutError("its machine stopped acknowledging"))
+            else:
+                conn.send({"t": "ping"})
         for cid in self._output_dropped:  # to tell them, once they have caught up
             client = self.scheduler.clients.get(cid)
             if client is not None:
@@ -506,18 +509,32 @@ class Master:
         }
 
 
-def _abort_unacknowledged(conn: FramedConnection, seconds: float) -> None:
-    """Have the kernel give up on this TCP connection when what we send (pings, every heartbeat interval)
-    stays unacknowledged for `seconds`: the peer's machine is down or cut off. A peer that is merely busy
-    still acknowledges, as its kernel does that. Without this, TCP retries for about 15 minutes."""
-    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+# The start of Linux's struct tcp_info (linux/tcp.h), up to tcpi_last_ack_recv.
+_TCP_INFO = struct.Struct("=8B9I4I")
+
+
+def _unanswered_for(conn: FramedConnection) -> float:
+    """Seconds the peer's machine has left what we sent unacknowledged; 0 when nothing waits for an answer.
+
+    Asked of the kernel (TCP_INFO), which acknowledges for a process that is busy, stopped or not reading:
+    only a machine that is down or cut off stops answering. While the peer's receive window is closed
+    (it is not reading, and we have more to send), nothing of ours is in flight and the kernel probes the
+    window instead: only a second probe left unanswered counts then, as probes grow minutes apart."""
+    option = getattr(socket, "TCP_INFO", None)
     sock = conn.transport.get_extra_info("socket") if conn.transport is not None else None
-    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6) or seconds <= 0:
-        return
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0.0
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        raw = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO.size)
     except OSError:
-        pass
+        return 0.0
+    if len(raw) < _TCP_INFO.size:
+        return 0.0
+    info = _TCP_INFO.unpack(raw)
+    probes, in_flight, last_ack_ms = info[3], info[12], info[20]
+    if not in_flight and probes < 2:
+        return 0.0
+    return last_ack_ms / 1000
 
 
 def _peer_info(conn: FramedConnection, header: dict[str, Any]) -> dict[str, Any]:
@@ -626,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-timeout", type=float, default=60.0, metavar="S",
                         help="a client whose machine acknowledges nothing for this long (down, or cut off by the "
                              "network) is given up on: its running tasks are stopped, its queued ones dropped "
-                             "(default 60; 0: leave it to TCP, about 15 minutes)")
+                             "(default 60; 0: leave it to TCP, which gives up after about 15 minutes)")
     parser.add_argument("--max-frame-mb", type=int, default=P.DEFAULT_MAX_FRAME >> 20, metavar="MB",
                         help="largest message a peer may send, which bounds what the master buffers for one "
                              f"connection (default {P.DEFAULT_MAX_FRAME >> 20})")
@@ -648,8 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("clusterexec.master: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
         return 2
-    if args.client_timeout < 0:
-        print("clusterexec.master: --client-timeout must be 0 or more", file=sys.stderr)
+    if not 0 <= args.client_timeout < float("inf"):
+        print("clusterexec.master: --client-timeout must be a number of seconds, 0 or more", file=sys.stderr)
         return 2
     try:
         key, source = resolve_key(args.authkey, args.authkey_file, create=True)

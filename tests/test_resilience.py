@@ -1203,9 +1203,29 @@ def test_a_client_cut_off_by_the_network_is_given_up_on_and_others_get_its_worke
         cluster.stop()
 
 
-def test_a_frozen_client_is_not_given_up_on_its_machine_still_acknowledges(tmp_path):
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon"])
+def test_the_master_refuses_a_client_timeout_that_is_no_number_of_seconds(value):
+    done = subprocess.run([sys.executable, "-m", "clusterexec.master", "--port", "0", "--authkey", "k" * 32,
+                           "--client-timeout", value], capture_output=True, text=True, timeout=20, env=_env())
+    assert done.returncode == 2
+    assert "--client-timeout" in done.stderr
+
+
+def bytes_once_open(gate, i, size):
+    """Waits for the file `gate`, then returns `size` bytes."""
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return bytes([i % 256]) * size
+
+
+@pytest.mark.parametrize("pending", ["pings", "results"])
+def test_a_frozen_client_is_not_given_up_on_its_machine_still_acknowledges(tmp_path, pending):
+    # Stopped (Ctrl-Z, a debugger), its kernel still acknowledges: the pings, or, once more results wait for
+    # it than its socket holds, the master's probes of its closed receive window.
     cluster = Cluster(tmp_path)
     client = None
+    gate = tmp_path / "gate"
+    n, size = (40, 1 << 20) if pending == "results" else (1, 10)
     try:
         cluster.start_master(0, *FAST_BEAT, "--client-timeout", "1.5")
         cluster.start_worker(1)
@@ -1213,26 +1233,28 @@ def test_a_frozen_client_is_not_given_up_on_its_machine_still_acknowledges(tmp_p
             import sys, time
             sys.path.insert(0, {str(HERE)!r})
             from clusterexec import ClusterExecutor
-            from test_resilience import sleep_and_ppid
+            from test_resilience import bytes_once_open
             with ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}) as ex:
-                future = ex.submit(sleep_and_ppid, 5, "done")
-                while not future.running():
+                futures = [ex.submit(bytes_once_open, {str(gate)!r}, i, {size}) for i in range({n})]
+                while not futures[0].running():
                     time.sleep(0.01)
                 print("running", flush=True)
-                print(future.result(timeout=30)[0], flush=True)
+                values = [f.result(timeout=60) for f in futures]
+                print(all(v == bytes([i % 256]) * {size} for i, v in enumerate(values)), flush=True)
         """)
         client = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, env=_env())
         assert client.stdout.readline().strip() == b"running"
-        client.send_signal(signal.SIGSTOP)  # Ctrl-Z, a debugger, a swapping laptop: its kernel still answers
+        client.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(3.5)
+            gate.touch()  # the tasks finish while it is stopped: their results wait for it
+            time.sleep(8)  # the master's probes of its window back off to seconds apart, past the timeout
         finally:
             client.send_signal(signal.SIGCONT)
-        assert client.stdout.readline().strip() == b"done"  # the same task, never stopped and run again
-        assert client.wait(10) == 0
+        assert client.stdout.readline().strip() == b"True"
+        assert client.wait(20) == 0
         stderr = client.stderr.read().decode()
-        assert "lost the connection" not in stderr, stderr
+        assert "lost the connection" not in stderr, stderr  # never cut off, so nothing was run twice
         assert "stopped acknowledging" not in _read(cluster.log_dir / "master.log")
     finally:
         if client is not None:
