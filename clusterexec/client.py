@@ -185,6 +185,7 @@ class ClientConnection:
         self._close_when_idle = False
         self._on_idle_close: list[Any] = []
         self.broken: BaseException | None = None
+        self.shm_prefix: str | None = None  # local mode: the segments results may come in (see shm.py)
         self.master_shutdown: str | None = None  # the reason the master gave when it said it was stopping
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
@@ -709,8 +710,8 @@ class ClientConnection:
                 for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
                     record = self._pending.pop(item[0], None)
                     if record is None:  # a duplicate after a retry: the first delivery won
-                        if isinstance(item[3], dict) and item[3].get("shm"):
-                            shm.remove([bufs[i] for i in item[3]["shm"]])
+                        if isinstance(item[3], dict) and item[3].get("shm") and self.shm_prefix:
+                            shm.remove([bufs[i] for i in item[3]["shm"]], self.shm_prefix)
                         continue
                     record.state = DONE
                     record.task = None
@@ -774,9 +775,11 @@ class ClientConnection:
             try:
                 if info and info.get("shm"):
                     try:
-                        bufs = shm.restore(bufs, info["shm"], unlink=True)
-                    except (OSError, ValueError) as e:
-                        raise SerializationError(f"error unpickling the result: its shared memory is gone: {e}",
+                        if not self.shm_prefix:
+                            raise ValueError("shared memory is for local mode only")
+                        bufs = shm.restore(bufs, info["shm"], self.shm_prefix, unlink=True)
+                    except (OSError, ValueError, TypeError, IndexError) as e:
+                        raise SerializationError(f"error unpickling the result: its shared memory cannot be read: {e}",
                                                  phase="unpickling the result") from None
                 value = S.loads(bufs, "unpickling the result")
             except SerializationError as e:

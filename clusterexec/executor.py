@@ -97,6 +97,7 @@ class ClusterExecutor(Executor):
             raise
         self.address = f"{host_port[0]}:{host_port[1]}"
         self._shm_prefix = self._local.shm_prefix if self._local is not None else None
+        self._conn.shm_prefix = self._shm_prefix  # results in shared memory are accepted from this cluster only
         self._max_workers = max_workers or max(1, self._conn.procs)
         self._opts: dict[str, Any] = {}
         self._init_blob = None
@@ -141,10 +142,10 @@ class ClusterExecutor(Executor):
         try:
             future = self._conn.submit(deps, bufs, task_opts, chunk=chunk)
         except BaseException:
-            shm.remove(markers)
+            shm.remove(markers, self._shm_prefix)
             raise
         if markers:
-            future.add_done_callback(functools.partial(_remove_segments, markers))  # its retries are over too
+            future.add_done_callback(functools.partial(_remove_segments, markers, self._shm_prefix))  # (retries too)
         return future
 
     def _send_many(self, deps: list[Any], payloads: list[list[Any]], opts: dict[str, Any],
@@ -163,11 +164,11 @@ class ClusterExecutor(Executor):
         except BaseException:
             for markers in segments:
                 if markers:
-                    shm.remove(markers)
+                    shm.remove(markers, self._shm_prefix)
             raise
         for future, markers in zip(futures, segments, strict=True):
             if markers:
-                future.add_done_callback(functools.partial(_remove_segments, markers))  # its retries are over too
+                future.add_done_callback(functools.partial(_remove_segments, markers, self._shm_prefix))
         return futures
 
     def _offload(self, bufs: list[Any], opts: dict[str, Any]) -> tuple[list[Any], dict[str, Any] | None, list[Any]]:
@@ -463,14 +464,14 @@ def _advance(bar: Any, n: int, _: Future) -> None:
     bar.update(n)
 
 
-def _remove_segments(markers: list[Any], future: Future) -> None:
+def _remove_segments(markers: list[Any], prefix: str, future: Future) -> None:
     """A task is over: its argument segments go. Those read into a copy may be written again (shm.py) once a
     task process is surely done reading them: when the task came back with its result or its own exception,
     not when a kill, a lost worker or a cancel ended it."""
     if not future.cancelled() and not isinstance(future.exception(), ClusterError):
-        shm.recycle(markers)
+        shm.recycle(markers, prefix)
     else:
-        shm.remove(markers)
+        shm.remove(markers, prefix)
 
 
 def _item_chunks(source: Iterable[Any], n: int) -> Iterator[Any]:

@@ -42,13 +42,21 @@ class LocalCluster:
         self.nprocs = nprocs
         # Large arguments and results go through shared memory rather than the sockets (see shm.py).
         self.shm_prefix = shm.new_prefix() if shm.available() else None
-        read_fd, write_fd = os.pipe()
+        read_fd = -1
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", "from clusterexec.local import _main; _main()", str(write_fd)],
-                stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True)
-        finally:
-            os.close(write_fd)
+            read_fd, write_fd = os.pipe()
+            try:
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", "from clusterexec.local import _main; _main()", str(write_fd)],
+                    stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True)
+            finally:
+                os.close(write_fd)
+        except BaseException:
+            if read_fd >= 0:
+                os.close(read_fd)
+            if self.shm_prefix:
+                shm.remove_prefix(self.shm_prefix)  # (its directory, made above)
+            raise
         try:
             config = {"key": self.key.hex(), "nprocs": nprocs, "sys_path": sys.path, "shm_prefix": self.shm_prefix}
             self.process.stdin.write(json.dumps(config).encode() + b"\n")

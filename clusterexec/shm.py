@@ -159,10 +159,11 @@ def _free_segments(prefix: str) -> list[tuple[int, str]]:
     return out
 
 
-def get(marker: Any, unlink: bool = False) -> bytes | memoryview:
+def get(marker: Any, prefix: str, unlink: bool = False) -> bytes | memoryview:
     """What a marker stands for: a copied segment as a new `bytes` (then recycled, when `unlink`), a mapped
-    one mapped copy-on-write (writable, and changes stay in this process; then unlinked, when `unlink`)."""
-    copied, name = _parse(marker)
+    one mapped copy-on-write (writable, and changes stay in this process; then unlinked, when `unlink`).
+    Raises ValueError for a marker that names no segment of this local cluster (of `prefix`)."""
+    copied, name = _parse(marker, prefix)
     fd = os.open(_path(name), os.O_RDONLY)
     read = False
     try:
@@ -175,19 +176,19 @@ def get(marker: Any, unlink: bool = False) -> bytes | memoryview:
     finally:
         os.close(fd)
         if unlink:
-            (recycle if copied and read else remove)([marker])
+            (recycle if copied and read else remove)([marker], prefix)
     return data if copied else memoryview(data)
 
 
-def recycle(markers: list[Any]) -> None:
-    """Put copied segments nobody reads any more in the pool (while it has room), and remove the rest."""
+def recycle(markers: list[Any], prefix: str) -> None:
+    """Put copied segments nobody reads any more in the pool (while it has room), and remove the rest.
+    Markers that name no segment of `prefix` are ignored, as in `remove`."""
     for marker in markers:
         try:
-            copied, name = _parse(marker)
+            copied, name = _parse(marker, prefix)
         except ValueError:
             continue
         path = _path(name)
-        prefix = name[:_prefix_end(name)]
         try:
             if copied and not name.endswith(FREE):
                 size = os.stat(path).st_size
@@ -199,10 +200,10 @@ def recycle(markers: list[Any]) -> None:
             pass
 
 
-def remove(markers: list[Any]) -> None:
+def remove(markers: list[Any], prefix: str) -> None:
     for marker in markers:
         try:
-            os.unlink(_path(_parse(marker)[1]))
+            os.unlink(_path(_parse(marker, prefix)[1]))
         except (OSError, ValueError):
             pass
 
@@ -256,15 +257,16 @@ def _size(buf: Any) -> int:
     return len(buf) if type(buf) is bytes else memoryview(buf).nbytes
 
 
-def restore(buffers: list[Any], indices: list[int], unlink: bool = False) -> list[Any]:
+def restore(buffers: list[Any], indices: list[int], prefix: str, unlink: bool = False) -> list[Any]:
     out = list(buffers)
     for i in indices:
-        out[i] = get(out[i], unlink=unlink)
+        out[i] = get(out[i], prefix, unlink=unlink)
     return out
 
 
-def _parse(marker: Any) -> tuple[bool, str]:
-    """(whether the segment is a copied one, its name) of a marker."""
+def _parse(marker: Any, prefix: str) -> tuple[bool, str]:
+    """(whether the segment is a copied one, its name) of a marker naming a segment of `prefix`. Markers come
+    from peers: one that names anything else (another cluster's segment, say) raises ValueError."""
     raw = bytes(marker)
     if raw.startswith(MARKER):
         copied, raw = False, raw[len(MARKER):]
@@ -272,7 +274,7 @@ def _parse(marker: Any) -> tuple[bool, str]:
         copied, raw = True, raw[len(MARKER_COPIED):]
     else:
         raise ValueError("not a shared-memory marker")
-    name = raw.decode()
-    if "/" in name or name.count("-") < 3 or not name.startswith("clusterexec-"):
+    name = raw.decode(errors="replace")
+    if "/" in name or "\0" in name or not name.startswith(prefix + "-") or name.count("-") < 3:
         raise ValueError(f"bad shared-memory segment name {name!r}")
     return copied, name

@@ -658,6 +658,7 @@ class Agent:
             self._out_output.append(([task.id, proc.pid, 2, lost_output], [b""]))
         size = P.nbytes(bufs)
         if size > self.max_frame:  # the master would refuse the frame: fail this task alone
+            _discard(bufs, info)
             self._out_results.append((task.id, "error", [], {
                 "kind": "serialization", "phase": "sending the result", "type": "clusterexec.ClusterError",
                 "message": f"the result is {size >> 20} MiB, more than the master accepts in one message "
@@ -788,7 +789,9 @@ class Agent:
 def _discard(bufs: list[Any], info: Any) -> None:
     """A result nobody will read: its shared-memory segments (local mode) go back to the pool or away."""
     if isinstance(info, dict) and info.get("shm"):
-        shm.recycle([bufs[i] for i in info["shm"] if i < len(bufs)])
+        prefix = os.environ.get(shm.ENV_PREFIX)
+        if prefix:
+            shm.recycle([bufs[i] for i in info["shm"] if isinstance(i, int) and 0 <= i < len(bufs)], prefix)
 
 
 def _forget_stale_registration(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -953,10 +956,13 @@ class _TaskRunner:
             bufs = task.bufs
             if opts.get("shm"):
                 try:
-                    bufs = shm.restore(bufs, opts["shm"])
-                except (OSError, ValueError) as e:
-                    raise S.SerializationError(f"error unpickling the arguments: their shared memory is gone: {e}",
-                                               phase="unpickling the arguments") from None
+                    if not self.shm_prefix:
+                        raise ValueError("shared memory is for local mode only")
+                    bufs = shm.restore(bufs, opts["shm"], self.shm_prefix)
+                except (OSError, ValueError, TypeError, IndexError) as e:
+                    raise S.SerializationError(
+                        f"error unpickling the arguments: their shared memory cannot be read: {e}",
+                        phase="unpickling the arguments") from None
             payload = S.loads(bufs, "unpickling the arguments")
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)

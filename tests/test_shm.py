@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from conftest import _env, is_gone, reap, wait_until
 
-from clusterexec import ClusterExecutor, TaskKilled, TaskTimeout, WorkerLostError
+from clusterexec import ClusterExecutor, SerializationError, TaskKilled, TaskTimeout, WorkerLostError
 from clusterexec import shm as SHM
+from clusterexec.client import ClusterFuture, _Record
 
 pytestmark = [pytest.mark.timeout(90),
               pytest.mark.skipif(not SHM.available(), reason="needs a writable /dev/shm")]
@@ -146,7 +147,7 @@ def test_task_processes_write_their_results_over_pooled_segments_too():
 def test_a_segment_name_in_use_is_never_written_over(monkeypatch):
     prefix = SHM.new_prefix()
     try:
-        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix)])
+        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix)], prefix)
         monkeypatch.setattr(SHM, "_counter", iter([7]))
         taken = os.path.join(SHM.SHM_DIR, prefix, f"{prefix}-{os.getpid()}-7")
         with open(taken, "wb") as f:  # (a process of a reused pid left it, say)
@@ -164,23 +165,23 @@ def test_the_pool_gives_the_smallest_free_segment_that_fits_and_keeps_to_its_lim
     prefix = SHM.new_prefix()
     try:
         small, large = SHM.put(os.urandom(1 << 20), prefix), SHM.put(os.urandom(3 << 20), prefix)
-        SHM.recycle([small, large])
+        SHM.recycle([small, large], prefix)
         assert pooled(prefix) == 4 << 20 and not in_use(prefix)
         data = os.urandom((1 << 20) - 5)
         marker = SHM.put(data, prefix)  # over the 1 MiB one, cut to size
         assert pooled(prefix) == 3 << 20
-        assert SHM.get(marker, unlink=True) == data  # read whole into a new bytes, and pooled again
+        assert SHM.get(marker, prefix, unlink=True) == data  # read whole into a new bytes, and pooled again
         assert pooled(prefix) == (4 << 20) - 5
         monkeypatch.setattr(SHM, "_pool_limit", 5 << 20)
         over = SHM.put(os.urandom(2 << 20), prefix)  # takes the 3 MiB one (the only one that fits)
         assert pooled(prefix) == (1 << 20) - 5
         also = SHM.put(os.urandom(5 << 20), prefix)  # none fits: the largest is grown
         assert pooled(prefix) == 0
-        SHM.recycle([over, also])  # 2 MiB fits under the limit; 5 MiB more would not: removed
+        SHM.recycle([over, also], prefix)  # 2 MiB fits under the limit; 5 MiB more would not: removed
         assert pooled(prefix) == 2 << 20 and not in_use(prefix)
         array = memoryview(os.urandom(2 << 20)).cast("d")
         mapped = SHM.put(array, prefix)  # anything but a bytes is mapped where it lies, and only removed
-        back = SHM.get(mapped, unlink=True)
+        back = SHM.get(mapped, prefix, unlink=True)
         assert isinstance(back, memoryview) and back.tobytes() == array.tobytes()
         assert not segments(prefix)
     finally:
@@ -242,16 +243,48 @@ def test_only_the_unsent_results_of_the_dead_process_are_removed():
     try:
         mine = {task: SHM.put(os.urandom(1 << 20), prefix, task) for task in (1, 12, 2)}
         untagged = SHM.put(os.urandom(1 << 20), prefix)  # an argument, say
-        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix, 1)])  # in the pool: everyone's
+        SHM.recycle([SHM.put(os.urandom(1 << 20), prefix, 1)], prefix)  # in the pool: everyone's
         SHM.remove_unsent(prefix, os.getpid() + 1, {1, 12, 2})  # another process's: none of these
         assert len(in_use(prefix)) == 4
         SHM.remove_unsent(prefix, os.getpid(), {1, 2})
-        assert SHM.get(mine[12]) and SHM.get(untagged)
-        assert sorted(in_use(prefix)) == sorted(os.path.join(SHM.SHM_DIR, prefix, SHM._parse(m)[1])
+        assert SHM.get(mine[12], prefix) and SHM.get(untagged, prefix)
+        assert sorted(in_use(prefix)) == sorted(os.path.join(SHM.SHM_DIR, prefix, SHM._parse(m, prefix)[1])
                                                 for m in (mine[12], untagged))
         assert pooled(prefix) == 1 << 20
     finally:
         SHM.remove_prefix(prefix)
+
+
+def test_a_marker_is_honoured_only_for_a_segment_of_this_cluster():
+    # Markers come from peers: one must not make this process read or remove another cluster's segments,
+    # or any other file.
+    mine, theirs = SHM.new_prefix(), SHM.new_prefix()
+    try:
+        data = os.urandom(1 << 20)
+        their_marker = SHM.put(data, theirs)
+        for marker in [their_marker, SHM.MARKER_COPIED + b"clusterexec-1-2-3/../../etc/passwd",
+                       SHM.MARKER_COPIED + their_marker[len(SHM.MARKER_COPIED):] + b"\0",
+                       SHM.MARKER + b"../../etc-passwd-x-y", b"clusterexec-shm-copied:\xff\xfe-1-2"]:
+            with pytest.raises(ValueError):
+                SHM.get(marker, mine, unlink=True)
+            SHM.recycle([marker], mine)
+            SHM.remove([marker], mine)
+        assert SHM.get(their_marker, theirs) == data  # untouched, and still there
+    finally:
+        SHM.remove_prefix(mine)
+        SHM.remove_prefix(theirs)
+
+
+def test_a_result_claiming_shared_memory_from_a_remote_worker_fails_alone(cluster):
+    # Shared memory is for local mode: a worker elsewhere cannot have the client open files by name.
+    with ClusterExecutor(cluster.address, authkey=cluster.key) as ex:
+        future = ex.submit(identity, 1)
+        assert future.result(timeout=60) == 1
+        record = _Record(ex._conn, 0, ClusterFuture(), None, False)
+        ex._conn._resolve(record, "ok", [b"x", SHM.MARKER_COPIED + b"clusterexec-1-2-3"], {"shm": [1]})
+        with pytest.raises(SerializationError, match="shared memory"):
+            record.future.result(timeout=5)
+        assert ex.submit(identity, 2).result(timeout=60) == 2
 
 
 KILLED_CLIENT = textwrap.dedent("""
