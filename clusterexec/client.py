@@ -710,8 +710,7 @@ class ClientConnection:
                 for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
                     record = self._pending.pop(item[0], None)
                     if record is None:  # a duplicate after a retry: the first delivery won
-                        if isinstance(item[3], dict) and item[3].get("shm") and self.shm_prefix:
-                            shm.remove([bufs[i] for i in item[3]["shm"]], self.shm_prefix)
+                        self._drop_segments(bufs, item[3])
                         continue
                     record.state = DONE
                     record.task = None
@@ -719,7 +718,12 @@ class ClientConnection:
                     if self._output.partial:
                         self._output.task_done(item[0])
                 for record, status, bufs, info in resolved:
-                    self._resolve(record, status, bufs, info)
+                    try:
+                        self._resolve(record, status, bufs, info)
+                    except Exception as e:  # a malformed result fails its own Future, not this thread
+                        self._drop_segments(bufs, info)
+                        _set_exception(record.future, P.ProtocolError(
+                            f"malformed result from the master: {type(e).__name__}: {e}"))
                 with self._lock:
                     if not self._pending and not self._outbox:
                         self._idle.notify_all()
@@ -769,6 +773,12 @@ class ClientConnection:
             else:
                 raise P.ProtocolError(f"unknown message type {t!r} from the master")
 
+    def _drop_segments(self, bufs: list[Any], info: Any) -> None:
+        """The shared-memory segments of a result nobody will read (local mode)."""
+        if isinstance(info, dict) and self.shm_prefix and isinstance(info.get("shm"), list):
+            shm.remove([bufs[i] for i in info["shm"] if isinstance(i, int) and 0 <= i < len(bufs)],
+                       self.shm_prefix)
+
     def _resolve(self, record: _Record, status: str, bufs: list[Any], info: Any) -> None:
         future = record.future
         if status == "ok":
@@ -779,6 +789,7 @@ class ClientConnection:
                             raise ValueError("shared memory is for local mode only")
                         bufs = shm.restore(bufs, info["shm"], self.shm_prefix, unlink=True)
                     except (OSError, ValueError, TypeError, IndexError) as e:
+                        self._drop_segments(bufs, info)  # (those after the one that failed)
                         raise SerializationError(f"error unpickling the result: its shared memory cannot be read: {e}",
                                                  phase="unpickling the result") from None
                 value = S.loads(bufs, "unpickling the result")

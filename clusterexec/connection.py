@@ -236,15 +236,20 @@ class FramedConnection(asyncio.BufferedProtocol):
         if self._paced:
             self._pace()
 
-    def fail(self, error: BaseException) -> None:
-        """Close this connection because of `error` (reported once through on_lost)."""
+    def fail(self, error: BaseException, abort: bool = False) -> None:
+        """Close this connection because of `error` (reported once through on_lost). `abort`: the peer is
+        presumed dead, so drop what waits to be sent at once, rather than keep it (and the socket) until the
+        kernel gives up on delivering it."""
         if self.closed:
             return
         self.error = error
         self.closed = True
         self._paced.clear()
         if self.transport is not None:
-            self.transport.close()
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
         if self._timer is not None:
             self._timer.cancel()
         self._report_lost(error)
@@ -339,7 +344,7 @@ class LinkEnd:
         finally:
             self._delivering = False
 
-    def fail(self, error: BaseException | None) -> None:
+    def fail(self, error: BaseException | None, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True

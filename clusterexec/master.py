@@ -361,12 +361,12 @@ class Master:
             # Checked once per interval, so give up one interval early: a silent node is declared dead
             # within heartbeat_timeout of its last word, never later.
             if now - getattr(conn, "last_heard", now) > self.heartbeat_timeout - self.heartbeat_interval:
-                conn.fail(TimeoutError("no heartbeat"))
+                conn.fail(TimeoutError("no heartbeat"), abort=True)
             else:
                 conn.send({"t": "ping"})
         for conn in list(self._client_conn.values()):
             if self.client_timeout and _unanswered_for(conn) > self.client_timeout:
-                conn.fail(TimeoutError("its machine stopped acknowledging"))
+                conn.fail(TimeoutError("its machine stopped acknowledging"), abort=True)
             else:
                 conn.send({"t": "ping"})
         for cid in self._output_dropped:  # to tell them, once they have caught up
@@ -665,8 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.heartbeat_interval < args.heartbeat_timeout:
         print("clusterexec.master: need 0 < --heartbeat-interval < --heartbeat-timeout", file=sys.stderr)
         return 2
-    if not 0 <= args.client_timeout < float("inf"):
-        print("clusterexec.master: --client-timeout must be a number of seconds, 0 or more", file=sys.stderr)
+    if not (args.client_timeout == 0 or 2 * args.heartbeat_interval < args.client_timeout < float("inf")):
+        # (Below two intervals, a result caught in flight after a quiet interval could look unanswered.)
+        print("clusterexec.master: --client-timeout must be 0 (off) or a number of seconds over twice "
+              "--heartbeat-interval", file=sys.stderr)
         return 2
     try:
         key, source = resolve_key(args.authkey, args.authkey_file, create=True)

@@ -361,7 +361,7 @@ class Agent:
         # Bytes of a frame still arriving count as word from the master (see FramedConnection.last_heard).
         silent = self._loop.time() - max(self._last_heard, getattr(conn, "last_heard", 0.0))
         if silent > self._heartbeat[1]:
-            conn.fail(TimeoutError(f"no word from the master for {silent:.1f} s"))
+            conn.fail(TimeoutError(f"no word from the master for {silent:.1f} s"), abort=True)
             return
         # Our own sign of life, unasked: the master's pings may be stuck behind a big frame it is sending us.
         conn.send({"t": "pong"})

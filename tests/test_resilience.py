@@ -1203,7 +1203,50 @@ def test_a_client_cut_off_by_the_network_is_given_up_on_and_others_get_its_worke
         cluster.stop()
 
 
-@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon"])
+def test_a_client_given_up_on_leaves_nothing_held_for_it_in_the_master(netns, tmp_path):
+    # A result on its way to a client whose machine is gone can never leave: the master drops it with the
+    # connection, rather than keep both until TCP gives up (a quarter of an hour).
+    cluster = _NsCluster(tmp_path)
+    cluster.host = netns.host_ip
+    gate = tmp_path / "gate"
+    cut_off = None
+    try:
+        master = cluster.start_master(0, *FAST_BEAT, "--client-timeout", str(CLIENT_TIMEOUT), "--host",
+                                      netns.host_ip)
+        cluster.start_worker(1)
+        script = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(HERE)!r})
+            from clusterexec import ClusterExecutor
+            from test_resilience import bytes_once_open
+            ex = ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="cut-off")
+            future = ex.submit(bytes_once_open, {str(gate)!r}, 0, 32 << 20)
+            while not future.running():
+                time.sleep(0.01)
+            print("running", flush=True)
+            time.sleep(60)
+        """)
+        cut_off = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
+                                   stdout=subprocess.PIPE, env=_env())
+        assert cut_off.stdout.readline().strip() == b"running"
+
+        def to_the_client():
+            return [c for c in psutil.Process(master.pid).net_connections("tcp")
+                    if c.raddr and c.raddr.ip == netns.ns_ip]
+
+        assert to_the_client()
+        netns.ip("link", "set", netns.veth_ns, "down", ns=True)
+        gate.touch()  # its 32 MiB result reaches the master, which cannot pass it on
+        _wait_for_log(cluster.log_dir / "master.log", "stopped acknowledging", within=CLIENT_TIMEOUT + 5)
+        wait_until(lambda: not to_the_client(), timeout=2, what="the master to let go of the connection")
+    finally:
+        netns.ip("link", "set", netns.veth_ns, "up", ns=True)
+        if cut_off is not None:
+            reap(cut_off)
+        cluster.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon", "1.5"])  # (1.5: not over twice the 1 s pings)
 def test_the_master_refuses_a_client_timeout_that_is_no_number_of_seconds(value):
     done = subprocess.run([sys.executable, "-m", "clusterexec.master", "--port", "0", "--authkey", "k" * 32,
                            "--client-timeout", value], capture_output=True, text=True, timeout=20, env=_env())

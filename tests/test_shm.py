@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import _env, is_gone, reap, wait_until
 
-from clusterexec import ClusterExecutor, SerializationError, TaskKilled, TaskTimeout, WorkerLostError
+from clusterexec import ClusterError, ClusterExecutor, SerializationError, TaskKilled, TaskTimeout, WorkerLostError
+from clusterexec import protocol as P
 from clusterexec import shm as SHM
 from clusterexec.client import ClusterFuture, _Record
 
@@ -285,6 +286,25 @@ def test_a_result_claiming_shared_memory_from_a_remote_worker_fails_alone(cluste
         with pytest.raises(SerializationError, match="shared memory"):
             record.future.result(timeout=5)
         assert ex.submit(identity, 2).result(timeout=60) == 2
+
+
+@pytest.mark.parametrize("info", [{"shm": ["x", 7, None]}, {"shm": 3}, "not a dict", ["shm"]])
+def test_a_malformed_result_fails_its_own_future_and_the_client_goes_on(info):
+    with ClusterExecutor(max_workers=1) as ex:
+        conn = ex._conn
+        records = [_Record(conn, tid, ClusterFuture(), None, False) for tid in (10**9, 10**9 + 1)]
+        with conn._lock:
+            for record in records:
+                conn._pending[record.id] = record
+        items = [[records[0].id, "ok", 1, info], [records[1].id, "raise", 0, info]]
+        conn._handle([P.Message({"t": "results", "items": items}, [memoryview(b"x")])])
+        for record in records:  # each fails alone, with a clusterexec error; nothing hangs
+            with pytest.raises(ClusterError):
+                record.future.result(timeout=5)
+        assert ex.submit(identity, 3).result(timeout=60) == 3
+        # A duplicate (its record already gone) with such an info is dropped without harm too.
+        conn._handle([P.Message({"t": "results", "items": [[records[0].id, "ok", 1, info]]}, [memoryview(b"x")])])
+        assert ex.submit(identity, 4).result(timeout=60) == 4
 
 
 KILLED_CLIENT = textwrap.dedent("""
