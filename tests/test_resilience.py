@@ -1159,6 +1159,31 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
 CLIENT_TIMEOUT = 3.0
 
 
+def _client_in(netns, cluster, submit: str) -> subprocess.Popen:
+    """A client run inside the namespace: `submit` (an expression over `ex`) gives its Futures; returns once
+    the first has started."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(HERE)!r})
+        from clusterexec import ClusterExecutor
+        from test_resilience import bytes_once_open, write_pid_and_sleep
+        ex = ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="cut-off")
+        futures = {submit}
+        while not futures[0].running():
+            time.sleep(0.01)
+        print("running", flush=True)
+        time.sleep(60)
+    """)
+    client = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
+                              stdout=subprocess.PIPE, env=_env())
+    try:
+        assert client.stdout.readline().strip() == b"running"
+    except BaseException:
+        reap(client)
+        raise
+    return client
+
+
 def test_a_client_cut_off_by_the_network_is_given_up_on_and_others_get_its_workers(netns, tmp_path):
     # A client whose machine vanishes sends no FIN: without a limit the master would keep its tasks, running
     # and queued, until TCP gave up (about 15 minutes), holding the workers from everyone else.
@@ -1170,21 +1195,8 @@ def test_a_client_cut_off_by_the_network_is_given_up_on_and_others_get_its_worke
     try:
         cluster.start_master(0, *FAST_BEAT, "--client-timeout", str(CLIENT_TIMEOUT), "--host", netns.host_ip)
         agent = cluster.start_worker(1).pid
-        script = textwrap.dedent(f"""
-            import sys, time
-            sys.path.insert(0, {str(HERE)!r})
-            from clusterexec import ClusterExecutor
-            from test_resilience import write_pid_and_sleep
-            ex = ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="cut-off")
-            futures = [ex.submit(write_pid_and_sleep, {str(pids_dir)!r}, i, 30) for i in range(3)]
-            while not futures[0].running():
-                time.sleep(0.01)
-            print("running", flush=True)
-            time.sleep(60)
-        """)
-        cut_off = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
-                                   stdout=subprocess.PIPE, env=_env())
-        assert cut_off.stdout.readline().strip() == b"running"
+        cut_off = _client_in(netns, cluster, f"[ex.submit(write_pid_and_sleep, {str(pids_dir)!r}, i, 30) "
+                                             "for i in range(3)]")
         [task_pid] = wait_until(lambda: [_pid_of(p) for p in pids_dir.iterdir()], what="the first task's pid file")
         assert task_pid in agent_children(agent)
         netns.ip("link", "set", netns.veth_ns, "down", ns=True)  # the partition: no FIN, no RST, silence
@@ -1214,21 +1226,7 @@ def test_a_client_given_up_on_leaves_nothing_held_for_it_in_the_master(netns, tm
         master = cluster.start_master(0, *FAST_BEAT, "--client-timeout", str(CLIENT_TIMEOUT), "--host",
                                       netns.host_ip)
         cluster.start_worker(1)
-        script = textwrap.dedent(f"""
-            import sys, time
-            sys.path.insert(0, {str(HERE)!r})
-            from clusterexec import ClusterExecutor
-            from test_resilience import bytes_once_open
-            ex = ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="cut-off")
-            future = ex.submit(bytes_once_open, {str(gate)!r}, 0, 32 << 20)
-            while not future.running():
-                time.sleep(0.01)
-            print("running", flush=True)
-            time.sleep(60)
-        """)
-        cut_off = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
-                                   stdout=subprocess.PIPE, env=_env())
-        assert cut_off.stdout.readline().strip() == b"running"
+        cut_off = _client_in(netns, cluster, f"[ex.submit(bytes_once_open, {str(gate)!r}, 0, 32 << 20)]")
 
         def to_the_client():
             return [c for c in psutil.Process(master.pid).net_connections("tcp")
