@@ -643,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-timeout", type=float, default=60.0, metavar="S",
                         help="a client whose machine acknowledges nothing for this long (down, or cut off by the "
                              "network) is given up on: its running tasks are stopped, its queued ones dropped "
-                             "(default 60; 0: leave it to TCP, which gives up after about 15 minutes)")
+                             "(default 60; more than twice --heartbeat-interval, or 0 to leave it to TCP, which "
+                             "gives up after about 15 minutes)")
     parser.add_argument("--max-frame-mb", type=int, default=P.DEFAULT_MAX_FRAME >> 20, metavar="MB",
                         help="largest message a peer may send, which bounds what the master buffers for one "
                              f"connection (default {P.DEFAULT_MAX_FRAME >> 20})")
