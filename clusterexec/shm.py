@@ -20,12 +20,13 @@ are. There are two kinds of segment, told apart by the marker:
   time; after a kill, a crash or a cancel it is unlinked instead.
 
 Each local cluster keeps its segments in a directory of its own, /dev/shm/PREFIX (mode 0700): nobody else
-sees their names, and looking for free segments lists only ours. The pool is shared by the client and its
-task processes: a free segment is named PREFIX-…-free, and taken by renaming it, which only one process
-can do. A result nobody will read goes as soon as that is known: the
-agent recycles those it discards (their task was killed meanwhile), and removes those a task process wrote
-but died before sending (named after their task for this). The local-mode child removes everything of
-PREFIX when it stops, pool included, so nothing survives even a SIGKILLed client.
+sees their names, and looking for free segments lists only ours. Markers come from peers, so every reader
+passes its own PREFIX and a marker naming anything else is refused. The pool is shared by the client and
+its task processes: a free segment is named PREFIX-…-free, and taken by renaming it, which only one process
+can do. A result nobody will read goes as soon as that is known: the agent recycles those it discards
+(their task was killed meanwhile), and removes those a task process wrote but died before sending (named
+after their task for this). The local-mode child removes PREFIX's directory when it stops, pool included,
+so nothing survives even a SIGKILLed client.
 """
 
 from __future__ import annotations
