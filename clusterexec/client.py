@@ -775,9 +775,8 @@ class ClientConnection:
 
     def _drop_segments(self, bufs: list[Any], info: Any) -> None:
         """The shared-memory segments of a result nobody will read (local mode)."""
-        if isinstance(info, dict) and self.shm_prefix and isinstance(info.get("shm"), list):
-            shm.remove([bufs[i] for i in info["shm"] if isinstance(i, int) and 0 <= i < len(bufs)],
-                       self.shm_prefix)
+        if self.shm_prefix:
+            shm.remove(shm.result_markers(bufs, info), self.shm_prefix)
 
     def _resolve(self, record: _Record, status: str, bufs: list[Any], info: Any) -> None:
         future = record.future

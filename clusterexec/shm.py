@@ -65,13 +65,9 @@ def new_prefix() -> str | None:
     return prefix
 
 
-def _path(name: str) -> str:
-    """Where a segment lives: in the directory of its prefix (a name is PREFIX-PID-N, PREFIX clusterexec-P-H)."""
-    return os.path.join(SHM_DIR, name[:_prefix_end(name)], name)
-
-
-def _prefix_end(name: str) -> int:
-    return name.index("-", name.index("-", len("clusterexec-")) + 1)
+def _path(prefix: str, name: str) -> str:
+    """Where a segment of `prefix` lives: in the cluster's directory."""
+    return os.path.join(SHM_DIR, prefix, name)
 
 
 def put(data: Any, prefix: str, task: int | None = None) -> bytes:
@@ -83,7 +79,7 @@ def put(data: Any, prefix: str, task: int | None = None) -> bytes:
     agent finds the segment by that name (see remove_unsent)."""
     tag = "" if task is None else f"t{task}."
     name = f"{prefix}-{os.getpid()}-{tag}{next(_counter)}"
-    path = _path(name)
+    path = _path(prefix, name)
     view = memoryview(data).cast("B")
     # The name is ours only if we create it: a pooled segment is then renamed over this empty file.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -165,7 +161,7 @@ def get(marker: Any, prefix: str, unlink: bool = False) -> bytes | memoryview:
     one mapped copy-on-write (writable, and changes stay in this process; then unlinked, when `unlink`).
     Raises ValueError for a marker that names no segment of this local cluster (of `prefix`)."""
     copied, name = _parse(marker, prefix)
-    fd = os.open(_path(name), os.O_RDONLY)
+    fd = os.open(_path(prefix, name), os.O_RDONLY)
     read = False
     try:
         size = os.fstat(fd).st_size
@@ -189,7 +185,7 @@ def recycle(markers: list[Any], prefix: str) -> None:
             copied, name = _parse(marker, prefix)
         except ValueError:
             continue
-        path = _path(name)
+        path = _path(prefix, name)
         try:
             if copied and not name.endswith(FREE):
                 size = os.stat(path).st_size
@@ -204,7 +200,7 @@ def recycle(markers: list[Any], prefix: str) -> None:
 def remove(markers: list[Any], prefix: str) -> None:
     for marker in markers:
         try:
-            os.unlink(_path(_parse(marker, prefix)[1]))
+            os.unlink(_path(prefix, _parse(marker, prefix)[1]))
         except (OSError, ValueError):
             pass
 
@@ -256,6 +252,13 @@ def offload(buffers: list[Any], prefix: str, task: int | None = None) -> tuple[l
 def _size(buf: Any) -> int:
     # (Most buffers are small `bytes`: their size is told without making a memoryview of each.)
     return len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+
+
+def result_markers(buffers: list[Any], info: Any) -> list[Any]:
+    """The markers among a result's buffers, as its `info["shm"]` lists them, whatever a peer put there."""
+    if not (isinstance(info, dict) and isinstance(info.get("shm"), list)):
+        return []
+    return [buffers[i] for i in info["shm"] if isinstance(i, int) and 0 <= i < len(buffers)]
 
 
 def restore(buffers: list[Any], indices: list[int], prefix: str, unlink: bool = False) -> list[Any]:

@@ -788,10 +788,9 @@ class Agent:
 
 def _discard(bufs: list[Any], info: Any) -> None:
     """A result nobody will read: its shared-memory segments (local mode) go back to the pool or away."""
-    if isinstance(info, dict) and isinstance(info.get("shm"), list):
-        prefix = os.environ.get(shm.ENV_PREFIX)
-        if prefix:
-            shm.recycle([bufs[i] for i in info["shm"] if isinstance(i, int) and 0 <= i < len(bufs)], prefix)
+    prefix = os.environ.get(shm.ENV_PREFIX)
+    if prefix:
+        shm.recycle(shm.result_markers(bufs, info), prefix)
 
 
 def _forget_stale_registration(loop: asyncio.AbstractEventLoop, fd: int) -> None:
