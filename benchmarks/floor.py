@@ -67,6 +67,22 @@ def _relay_tcp(port: int, downstream: socket.socket) -> None:
     _relay(upstream, downstream)
 
 
+def _io_loop(wake_r: int, sock: socket.socket, on_wake, on_readable) -> None:
+    """A chain's IO thread: `on_wake()` each time the caller writes the wake pipe, `on_readable()` when
+    `sock` has data (False at its end-of-file). Returns when the pipe or the socket ends."""
+    sel = selectors.DefaultSelector()
+    sel.register(wake_r, selectors.EVENT_READ, "wake")
+    sel.register(sock, selectors.EVENT_READ, "sock")
+    while True:
+        for key, _ in sel.select():
+            if key.data == "wake":
+                if not os.read(wake_r, 64):
+                    return
+                on_wake()
+            elif not on_readable():
+                return
+
+
 def bare_chain(rounds: int, with_relay: bool) -> float:
     """Median seconds per round trip through a bare chain (see the module docstring)."""
     ctx = get_context("fork")
@@ -88,25 +104,16 @@ def bare_chain(rounds: int, with_relay: bool) -> float:
     replies: list[bytes] = []
     arrived = threading.Condition()
 
-    def io_thread() -> None:
-        sel = selectors.DefaultSelector()
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        sel.register(conn, selectors.EVENT_READ, "conn")
-        while True:
-            for key, _ in sel.select():
-                if key.data == "wake":
-                    if not os.read(wake_r, 64):
-                        return
-                    conn.sendall(MESSAGE)
-                else:
-                    data = conn.recv(1 << 16)
-                    if not data:
-                        return
-                    with arrived:
-                        replies.append(data)
-                        arrived.notify()
+    def receive() -> bool:
+        data = conn.recv(1 << 16)
+        if data:
+            with arrived:
+                replies.append(data)
+                arrived.notify()
+        return bool(data)
 
-    thread = threading.Thread(target=io_thread, daemon=True)
+    thread = threading.Thread(target=_io_loop, args=(wake_r, conn, lambda: conn.sendall(MESSAGE), receive),
+                              daemon=True)
     thread.start()
     times = []
     try:
@@ -151,31 +158,24 @@ def parts_chain(rounds: int, caller_sends: bool) -> float:
         entries, buffers = P.encode_tasks(tasks, sent)
         near.sendmsg(P.encode({"t": "run", "tasks": entries}, buffers))
 
-    def io_thread() -> None:
-        reader = P.FrameReader()
-        sel = selectors.DefaultSelector()
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
-        sel.register(near, selectors.EVENT_READ, "conn")
-        while True:
-            for key, _ in sel.select():
-                if key.data == "wake":
-                    if not os.read(wake_r, 64):
-                        return
-                    with lock:
-                        send_locked(outbox[:])
-                        outbox.clear()
-                    continue
-                n = near.recv_into(reader.get_buffer())
-                if not n:
-                    return
-                for msg in reader.filled(n):
-                    items = msg.header["items"]
-                    for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
-                        with lock:
-                            future = pending.pop(item[0])
-                        _set_result(future, S.loads(bufs, "unpickling the result"))
+    reader = P.FrameReader()
 
-    thread = threading.Thread(target=io_thread, daemon=True)
+    def send_outbox() -> None:
+        with lock:
+            send_locked(outbox[:])
+            outbox.clear()
+
+    def receive() -> bool:
+        n = near.recv_into(reader.get_buffer())
+        for msg in reader.filled(n) if n else ():
+            items = msg.header["items"]
+            for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
+                with lock:
+                    future = pending.pop(item[0])
+                _set_result(future, S.loads(bufs, "unpickling the result"))
+        return bool(n)
+
+    thread = threading.Thread(target=_io_loop, args=(wake_r, near, send_outbox, receive), daemon=True)
     thread.start()
     times = []
     try:
