@@ -8,14 +8,22 @@
 
 Callers never touch the socket; the IO thread never pickles user objects (it only unpickles results). A task
 stays in `pending` with its payload until its Future resolves, so nothing is lost while it is in flight.
+
+Local mode adds a shortcut for a task submitted while nothing else is in flight (a loop of
+`submit(...).result()`): the client borrows an idle task process from its agent (`_Lease`, over the "lender"
+channel), and the caller sends the task to it directly; the IO thread reads its result. The lease goes back
+as soon as tasks go through the master, and the agent still supervises the process: it kills it on request,
+and reports its death, after which the task is retried through the master or fails as it would there.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import platform
+import select
 import selectors
 import socket
 import ssl
@@ -47,14 +55,19 @@ from .errors import (
     WorkerLostError,
 )
 from .progress import output_above_bars
+from .scheduler import DEFAULT_RETRIES
 
 log = logging.getLogger("clusterexec.client")
 
-UNSENT, SENT, CANCELLED_HERE, DONE = range(4)
+UNSENT, SENT, CANCELLED_HERE, DONE, LEASED = range(5)  # LEASED: sent to a borrowed task process (see _Lease)
 _MAX_IOV = 512
 _TLS_RECV_BUDGET = 4 << 20
 _TLS_JOIN = 1 << 16  # small pieces are joined up to this size before encryption
 _JOIN_BELOW = 1 << 10  # pieces of a frame smaller than this are copied together before sending
+_LEND_MESSAGE_MAX = 1 << 20  # as worker.LEND_MESSAGE_MAX
+LEASE_LOOK = 0.05  # seconds a leased task runs before the IO thread reads its socket if no caller does
+LEASE_IDLE = 1.0  # seconds a borrowed process stays idle before it goes back to the agent
+_AWAIT_POLL = 0.25  # seconds a caller waits on a borrowed process's socket before it looks again
 
 
 class PartialChunk:
@@ -72,11 +85,20 @@ class _Condition(threading.Condition):
     each instance: a Future is made per task, and while thousands are pending the garbage collector
     traverses every one of those objects again and again."""
 
+    hook = None  # the Future of a task on a borrowed process: called when anyone but result() looks at it
+
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._waiters = deque()
 
+    def __enter__(self) -> bool:
+        if self.hook is not None:
+            self.hook()
+        return self._lock.__enter__()
+
     def acquire(self, *args: Any) -> bool:
+        if self.hook is not None:  # (wait() and as_completed() acquire, the Future's own methods enter)
+            self.hook()
         return self._lock.acquire(*args)
 
     def release(self) -> None:
@@ -120,6 +142,18 @@ class ClusterFuture(Future):
         self._notify_cancelled()
         return True
 
+    def result(self, timeout: float | None = None) -> Any:
+        record = self._cx_record
+        if record is not None and record.state == LEASED:
+            timeout = record.conn._await_lease(record, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        record = self._cx_record
+        if record is not None and record.state == LEASED:
+            timeout = record.conn._await_lease(record, timeout)
+        return super().exception(timeout)
+
     def _notify_cancelled(self) -> None:
         """Count a cancelled Future as done in `wait()` and `as_completed()` now: no executor thread will
         ever dequeue it to do so (ProcessPoolExecutor's does), so without this they would wait forever."""
@@ -142,6 +176,58 @@ class _Record:
         self.kill_requested = False
 
 
+class _Lease:
+    """A task process of the local agent that this client borrows, and the one task it runs there (if any)."""
+
+    __slots__ = ("sock", "pid", "host", "sent", "frames", "record", "sent_at", "idle_since", "sending", "wanted",
+                 "reader", "dead", "dropped")
+
+    def __init__(self, sock: socket.socket, pid: int, host: str, sent: P.BlobLRU):
+        self.sock = sock
+        self.pid = pid
+        self.host = host
+        self.sent = sent  # the mirror of its blob cache, which goes back with the process
+        self.frames = P.FrameReader()
+        self.record: _Record | None = None
+        self.sent_at = 0.0
+        self.idle_since = time.monotonic()
+        self.sending = False  # a caller thread writes its task to the socket: do not close it under that thread
+        self.wanted = False  # the IO thread waits for that write to end (to give the process back)
+        # Who reads the socket: None (nobody: the process is idle, or the caller has yet to ask for its result),
+        # the ident of a thread in result() or exception() (see _await_lease), or "io" (the IO thread's selector).
+        self.reader: int | str | None = None
+        self.dead = False  # its socket reached end-of-file: the agent's report of how it died is on its way
+        self.dropped = False  # given back, or dead: close the socket once no caller uses it
+
+
+def _leasable(task: P.Task, max_frame: int) -> bool:
+    """May this task run on a borrowed process? Not with a time limit or max_tasks_per_child, which the agent
+    keeps, nor when its data is too large for one frame (the master's path fails it with the right error)."""
+    opts = task.opts
+    return not (opts and ("timeout" in opts or "mtpc" in opts)) and P.task_size(task) <= max_frame
+
+
+def _send_blocking(sock: socket.socket, pieces: list[Any]) -> None:
+    """Write a frame's pieces to a non-blocking socket, waiting while it is full."""
+    views = [v for v in (memoryview(p).cast("B") for p in pieces) if v.nbytes]
+    poller = None
+    while views:
+        try:
+            sent = sock.sendmsg(views[:_MAX_IOV])
+        except (BlockingIOError, InterruptedError):
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock, select.POLLOUT)
+            poller.poll(1000)
+            continue
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -157,7 +243,8 @@ class ClientConnection:
     """One authenticated connection to a master, its IO thread, and the Futures in flight on it."""
 
     def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0,
-                 reconnect_window: float = 0.0, ssl_context: Any = None, compat_wait: float = 60.0):
+                 reconnect_window: float = 0.0, ssl_context: Any = None, compat_wait: float = 60.0,
+                 lender: socket.socket | None = None):
         self.address = address
         self.ssl_context = ssl_context
         self.compat_wait = compat_wait
@@ -187,6 +274,15 @@ class ClientConnection:
         self.broken: BaseException | None = None
         self.shm_prefix: str | None = None  # local mode: the segments results may come in (see shm.py)
         self.master_shutdown: str | None = None  # the reason the master gave when it said it was stopping
+        # Local mode: the channel to the agent that lends us task processes, and the one we hold (see _Lease).
+        self._lender = lender
+        if lender is not None:
+            lender.setblocking(False)
+        self._lease: _Lease | None = None
+        self._lease_wanted = False  # a caller found nothing in flight: the IO thread asks for a process
+        self._lease_asked = False
+        self._lease_io_wanted = False  # a Future's hook, or a caller's timeout: the IO thread reads the lease
+        self._sel: selectors.BaseSelector | None = None
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
         self._thread.start()
@@ -277,9 +373,42 @@ class ClientConnection:
                 raise ClusterUnavailable(f"the connection to the master is gone: {self.broken}")
             record = _Record(self, next(self._ids), future, task, chunk)
             future._cx_record = record
-            self._outbox.append(record)
-            self._wake_locked()
+            lease = self._lease
+            if lease is not None and lease.record is None and not lease.sending and not lease.dead \
+                    and self._master_load() < self._nprocs and _leasable(task, self.max_frame):
+                record.state = LEASED
+                lease.record = record
+                lease.sending = True
+                self._pending[record.id] = record
+            else:
+                lease = None
+                self._outbox.append(record)
+                if self._lender is not None and self._lease is None and not self._lease_asked \
+                        and self._master_load() < self._nprocs:
+                    self._lease_wanted = True
+                self._wake_locked()
+        if lease is not None:
+            self._run_leased(lease, record)
         return future
+
+    def _run_leased(self, lease: _Lease, record: _Record) -> None:
+        """Send a task to the borrowed process, from the caller's thread (no wake-up of the IO thread)."""
+        future = record.future
+        future.set_running_or_notify_cancel()  # (never cancelled: cancel() refuses LEASED records)
+        future._condition.hook = self._lease_touched
+        lease.sent_at = time.monotonic()
+        entries, buffers = P.encode_tasks(((record.id, record.task),), lease.sent)
+        try:
+            _send_blocking(lease.sock, P.encode({"t": "run", "tasks": entries}, buffers))
+        except OSError:
+            pass  # it died: its socket's end-of-file and the agent's report reach the IO thread
+        with self._lock:
+            lease.sending = False
+            if lease.dropped:
+                lease.sock.close()
+            elif lease.wanted:
+                lease.wanted = False
+                self._wake_locked()
 
     def submit_many(self, deps: list[P.Blob], tasks: list[tuple[list[Any], dict[str, Any] | None]],
                     chunk: bool = False) -> list[ClusterFuture]:
@@ -321,7 +450,7 @@ class ClientConnection:
                     answer[r.id] = True
                 elif r.state == SENT and self.broken is None:
                     remote.append(r)
-                else:
+                else:  # (LEASED: it runs already)
                     answer[r.id] = r.state == CANCELLED_HERE
             if remote and threading.current_thread() is self._thread:
                 # A done-callback cancelling another Future: we cannot wait for the master here.
@@ -372,6 +501,12 @@ class ClientConnection:
                 self._kill_out.append(record.id)
                 self._wake_locked()
                 return True
+            elif record.state == LEASED and self.broken is None:
+                record.kill_requested = True
+                lease = self._lease
+                if lease is not None and lease.record is record:
+                    self._tell_lender({"t": "kill", "pid": lease.pid, "task": record.id})
+                return True
             else:
                 return False
         if unsent:
@@ -386,6 +521,10 @@ class ClientConnection:
     def wait_idle(self) -> None:
         """Block until every submitted task has resolved (or the connection broke)."""
         with self._idle:
+            lease = self._lease
+            if lease is not None and lease.record is not None and lease.reader is None:
+                self._lease_io_wanted = True  # nobody else may ever read its result
+                self._wake_locked()
             while (self._outbox or self._pending) and self.broken is None:
                 self._idle.wait(0.5)
 
@@ -404,6 +543,264 @@ class ClientConnection:
 
     def on_close(self, callback: Any) -> None:
         self._on_idle_close.append(callback)
+
+    # ------------------------------------------------------------------------------------------ lease (local mode)
+
+    def _tell_lender(self, msg: dict[str, Any]) -> bool:
+        lender = self._lender
+        if lender is None:
+            return False
+        try:
+            lender.send(json.dumps(msg).encode())
+        except OSError:
+            return False  # the local cluster is stopping: the master's connection says so too
+        return True
+
+    def _from_lender(self) -> None:
+        """The agent's answers: a process lent (its socket attached), none free, or how a lent process died."""
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._lender, _LEND_MESSAGE_MAX, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:  # the local cluster stopped; the master's connection tells the Futures
+                self._sel.unregister(self._lender)
+                self._lender.close()
+                self._lender = None
+                return
+            msg = json.loads(data)
+            kind = msg.get("t")
+            if kind == "lent" and fds:
+                self._borrowed(socket.socket(fileno=fds.pop()), msg)
+            elif kind == "no":
+                self._lease_asked = False
+            elif kind == "died":
+                self._lease_died(msg)
+            for fd in fds:
+                os.close(fd)
+
+    def _borrowed(self, sock: socket.socket, msg: dict[str, Any]) -> None:
+        sock.setblocking(False)
+        lease = _Lease(sock, int(msg["pid"]), str(msg.get("host")), P.BlobLRU.restored(msg["sent"]))
+        with self._lock:
+            self._lease_asked = False
+            self._lease = lease
+            self._give_back_locked()
+
+    @property
+    def _nprocs(self) -> int:
+        return self.procs or 1
+
+    def _master_load(self) -> int:
+        """Tasks in flight through the master (call with the lock held)."""
+        lease = self._lease
+        return len(self._pending) + len(self._outbox) - (lease is not None and lease.record is not None)
+
+    def _ask_lease_locked(self) -> None:
+        """Borrow a process if we have none and the master's tasks leave one idle."""
+        if self._lender is not None and self._lease is None and not self._lease_asked \
+                and self._master_load() < self._nprocs:
+            self._lease_asked = self._tell_lender({"t": "lend"})
+
+    def _give_back_locked(self, idle: bool = False) -> None:
+        """Give the borrowed process back if it is idle and the master's tasks would use it (or, `idle`, if it
+        has been idle for LEASE_IDLE)."""
+        lease = self._lease
+        if lease is None or lease.record is not None or lease.dead or (
+                not idle and self._master_load() < self._nprocs):
+            return
+        if lease.sending:
+            lease.wanted = True  # (the caller wakes us when done)
+            return
+        self._lease = None
+        self._tell_lender({"t": "return", "pid": lease.pid, "sent": lease.sent.export()})
+        self._close_lease(lease)
+
+    def _close_lease(self, lease: _Lease) -> None:
+        """Stop reading a lease's socket, and close it unless a caller still uses it (then that caller does)."""
+        if lease.reader == "io":
+            lease.reader = None
+            if self._sel is not None:
+                self._sel.unregister(lease.sock)
+        lease.dropped = True
+        if not lease.sending and lease.reader is None:
+            lease.sock.close()
+
+    def _tend_lease(self) -> None:
+        """In the IO thread, whenever it wakes: read the borrowed process's socket while a task runs there that no
+        caller waits for in result() (so that its output flows and its Future resolves), stop when it is idle,
+        and give it back when it has been idle for LEASE_IDLE."""
+        with self._lock:
+            lease = self._lease
+            if lease is None:
+                return
+            wanted, self._lease_io_wanted = self._lease_io_wanted, False
+            if lease.reader == "io":
+                if lease.record is None:
+                    lease.reader = None
+                    self._sel.unregister(lease.sock)
+            elif lease.reader is None and not lease.dead:
+                if lease.record is not None:
+                    if wanted or self._close_when_idle or time.monotonic() - lease.sent_at >= LEASE_LOOK:
+                        lease.reader = "io"
+                        self._sel.register(lease.sock, selectors.EVENT_READ, "lease")
+                elif time.monotonic() - lease.idle_since >= LEASE_IDLE:
+                    self._give_back_locked(idle=True)
+
+    def _lease_touched(self) -> None:
+        """The hook of a leased task's Future: someone waits for it other than in result() (wait(), a callback,
+        done()): the IO thread reads its result."""
+        if threading.current_thread() is self._thread:
+            return
+        with self._lock:
+            lease = self._lease
+            if lease is not None and lease.record is not None and lease.reader is None:
+                self._lease_io_wanted = True
+                self._wake_locked()
+
+    def _await_lease(self, record: _Record, timeout: float | None) -> float | None:
+        """result() or exception() of a task on the borrowed process: read its result in this thread, sparing the
+        wake-up of the IO thread and the hand-over between threads. Returns what is left of `timeout`."""
+        me = threading.get_ident()
+        with self._lock:
+            lease = self._lease
+            if lease is None or lease.record is not record or lease.reader is not None or lease.dead:
+                return timeout
+            lease.reader = me
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            poller = select.poll()
+            poller.register(lease.sock, select.POLLIN)
+            # (Polls are bounded: the task may end otherwise than by a word on this socket, say when the agent
+            # reports its process dead while a process it forked keeps the socket open.)
+            while record.state == LEASED and lease.reader == me and not lease.dead:
+                left = _AWAIT_POLL if deadline is None else min(_AWAIT_POLL, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                if poller.poll(left * 1000):
+                    self._read_lease(lease)
+        finally:
+            with self._lock:
+                if lease.reader == me:
+                    lease.reader = None
+                    if lease.dropped:
+                        if not lease.sending:
+                            lease.sock.close()
+                    elif record.state == LEASED:  # (a timeout, an interrupt, or its end): the IO thread reads on
+                        self._lease_io_wanted = True
+                        self._wake_locked()
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _read_lease(self, lease: _Lease) -> None:
+        """Read what the borrowed process sent (in whichever thread is its reader) and handle it."""
+        try:
+            n = lease.sock.recv_into(lease.frames.get_buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        try:
+            messages = lease.frames.filled(n) if n else None
+        except P.ProtocolError as e:  # (a bug: the process is ours, and runs our code between tasks)
+            log.error("malformed frame from task process %d: %s", lease.pid, e)
+            messages = None
+        if messages is None:  # it died (or is about to be killed): the agent says how, see _lease_died
+            with self._lock:
+                lease.dead = True
+                if lease.reader == "io":
+                    lease.reader = None
+                    self._sel.unregister(lease.sock)
+                if n:  # it is alive but of no use: have it killed
+                    self._tell_lender({"t": "kill", "pid": lease.pid,
+                                       "task": lease.record.id if lease.record is not None else 0})
+            return
+        for msg in messages:
+            if msg.type == "results":
+                self._lease_results(lease, msg)
+            elif msg.type == "output" and lease.record is not None and msg.header.get("id") == lease.record.id:
+                h = msg.header
+                items = []
+                dropped = int(h.get("dropped", 0))
+                for stream in h["s"]:
+                    items.append([h["id"], lease.host, lease.pid, stream, dropped])
+                    dropped = 0
+                buffers = list(msg.buffers)
+                if dropped:
+                    items.append([h["id"], lease.host, lease.pid, 2, dropped])
+                    buffers.append(b"")
+                self._output.write(items, buffers)
+
+    def _lease_results(self, lease: _Lease, msg: P.Message) -> None:
+        items = msg.header["items"]
+        for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
+            with self._lock:
+                record = lease.record
+                if record is not None and item[0] == record.id:
+                    lease.record = None
+                    lease.idle_since = time.monotonic()
+                    self._pending.pop(record.id, None)
+                    record.state = DONE
+                    record.task = None
+                    record.future._condition.hook = None
+                    if lease.reader == threading.get_ident():
+                        # A caller reading for its result stops here: the done-callbacks about to run in this
+                        # thread may submit and wait for another task on this process.
+                        lease.reader = None
+                    self._give_back_locked()
+                    if not self._pending and not self._outbox:
+                        self._idle.notify_all()
+                else:
+                    record = None
+            if record is None:
+                self._drop_segments(bufs, item[3])
+                continue
+            if self._output.partial:
+                self._output.task_done(item[0])
+            try:
+                self._resolve(record, item[1], bufs, item[3])
+            except Exception as e:
+                self._drop_segments(bufs, item[3])
+                _set_exception(record.future, P.ProtocolError(
+                    f"malformed result from task process {lease.pid}: {type(e).__name__}: {e}"))
+
+    def _lease_died(self, msg: dict[str, Any]) -> None:
+        """A lent process died: report or retry the task it had, as the master would."""
+        with self._lock:
+            lease = self._lease
+            if lease is None or lease.pid != msg.get("pid"):
+                return
+            self._lease = None
+            self._close_lease(lease)
+            record, lease.record = lease.record, None
+            if record is None:
+                return
+            record.future._condition.hook = None
+            info = msg.get("info") or {}
+            started = msg.get("task") == record.id
+            if self.shm_prefix:  # results it wrote to shared memory and never sent
+                shm.remove_unsent(self.shm_prefix, lease.pid, {record.id})
+            self._pending.pop(record.id, None)
+            error = None
+            opts = record.task.opts or {}
+            if record.kill_requested:
+                error = error_from_info("error", dict(info, kind="killed", started=started))
+            elif started and opts.get("retries", DEFAULT_RETRIES) < 1:
+                error = error_from_info("lost", info)
+            if error is not None:
+                record.state = DONE
+                record.task = None
+                if not self._pending and not self._outbox:
+                    self._idle.notify_all()
+            else:  # again, through the master (counting this attempt if it started)
+                if started:
+                    record.task.opts = {**opts, "tried": 1}
+                record.state = UNSENT
+                self._outbox.append(record)
+                self._wake_locked()
+        if error is not None:
+            _set_exception(record.future, error)
 
     # ------------------------------------------------------------------------------------------ IO thread
 
@@ -441,6 +838,9 @@ class ClientConnection:
         sock = self._sock
         sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if self._wbuf else 0), "sock")
+        if self._lender is not None:
+            sel.register(self._lender, selectors.EVENT_READ, "lender")
+        self._sel = sel
         writing = bool(self._wbuf)
         beat = self._heartbeat
         if self._early:
@@ -450,7 +850,10 @@ class ClientConnection:
             while True:
                 # Bytes TLS has already decrypted wait inside the SSL object, where no selector sees them.
                 tls_pending = self.ssl_context is not None and sock.pending() > 0
-                events = sel.select(0 if tls_pending else beat[0] if beat else None)
+                wait = beat[0] if beat else None
+                if self._lease is not None:  # (see _tend_lease)
+                    wait = LEASE_LOOK if wait is None else min(wait, LEASE_LOOK)
+                events = sel.select(0 if tls_pending else wait)
                 readable = tls_pending
                 for key, mask in events:
                     if key.data == "wake":
@@ -459,10 +862,18 @@ class ClientConnection:
                         except BlockingIOError:
                             pass
                         self._take_outbox()
+                    elif key.data == "lease":
+                        lease = self._lease
+                        if lease is not None and lease.reader == "io":
+                            self._read_lease(lease)
+                    elif key.data == "lender":
+                        self._from_lender()
                     elif mask & selectors.EVENT_READ or self._tls_read_wants_write:
                         readable = True
                 if readable:
                     self._receive()
+                if self._lease is not None:
+                    self._tend_lease()
                 if beat and time.monotonic() - self._last_heard > beat[1] and not any(
                         key.data == "sock" and m & selectors.EVENT_READ for key, m in sel.select(0)):
                     # (Bytes waiting unread mean the master did speak while this thread was busy, say in a
@@ -481,7 +892,11 @@ class ClientConnection:
                     if self._close_when_idle and not self._outbox and not self._pending and not self._wbuf:
                         return
         finally:
+            self._sel = None
             sel.close()
+            lease = self._lease
+            if lease is not None and lease.reader == "io":
+                lease.reader = None
 
     def _reconnect(self, error: BaseException) -> bool:
         """Reach the master again (it may be restarting) and resubmit every unfinished task.
@@ -513,7 +928,7 @@ class ClientConnection:
         with self._lock:
             self._adopt(*opened)
             self.master_shutdown = None
-            resend = sorted(self._pending.values(), key=lambda r: r.id)
+            resend = sorted((r for r in self._pending.values() if r.state != LEASED), key=lambda r: r.id)
             waiters = list(self._cancel_waiters.values())
             self._cancel_waiters.clear()
             status_waiters = list(self._status_waiters)
@@ -540,9 +955,18 @@ class ClientConnection:
             waiters = list(self._cancel_waiters.values()) + list(self._status_waiters)
             self._cancel_waiters.clear()
             self._status_waiters.clear()
+            lease, self._lease = self._lease, None
+            if lease is not None:
+                if lease.record is not None:  # (it fails below with the rest)
+                    lease.record.state = DONE
+                    lease.record.future._condition.hook = None
+                    lease.record = None
+                self._close_lease(lease)
             self._idle.notify_all()
         for event, _ in waiters:
             event.set()
+        if self._lender is not None:
+            self._lender.close()  # (the agent then kills a process it lent us)
         try:
             self._sock.close()
         finally:
@@ -596,6 +1020,10 @@ class ClientConnection:
             sending.append(r)
             sizes.append(size)
         self._queue_tasks(sending, sizes)
+        if self._lease_wanted:
+            self._lease_wanted = False
+            self._ask_lease_locked()
+        self._give_back_locked()
         for req, ids in cancels:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
         for _ in range(status_requests):
@@ -727,6 +1155,7 @@ class ClientConnection:
                 with self._lock:
                     if not self._pending and not self._outbox:
                         self._idle.notify_all()
+                    self._ask_lease_locked()
             elif t == "output":
                 self._output.write(h["items"], msg.buffers)
             elif t == "started":
@@ -819,10 +1248,16 @@ class TaskOutput:
 
     def __init__(self) -> None:
         self.partial: dict[tuple[int, int], tuple[str, bytes]] = {}  # (task id, stream) → (prefix, line start)
+        # The IO thread writes, and so does a caller reading a borrowed process's output (see _await_lease).
+        self._lock = threading.Lock()
 
     def write(self, items: list[Any], buffers: list[memoryview]) -> None:
         if len(items) != len(buffers):
             raise P.ProtocolError("output items and buffers differ in number")
+        with self._lock:
+            self._write(items, buffers)
+
+    def _write(self, items: list[Any], buffers: list[memoryview]) -> None:
         out: dict[int, list[str]] = {1: [], 2: []}
         for (tid, host, pid, stream, dropped), data in zip(items, buffers, strict=True):
             stream = 1 if stream == 1 else 2
@@ -845,11 +1280,12 @@ class TaskOutput:
     def task_done(self, tid: int) -> None:
         """The task ended: write what it left without a final newline."""
         out: dict[int, list[str]] = {1: [], 2: []}
-        for stream in (1, 2):
-            left = self.partial.pop((tid, stream), None)
-            if left is not None:
-                out[stream].append(left[0] + left[1].decode("utf-8", "replace") + "\n")
-        self._emit(out)
+        with self._lock:
+            for stream in (1, 2):
+                left = self.partial.pop((tid, stream), None)
+                if left is not None:
+                    out[stream].append(left[0] + left[1].decode("utf-8", "replace") + "\n")
+            self._emit(out)
 
     @staticmethod
     def _emit(out: dict[int, list[str]]) -> None:

@@ -86,12 +86,17 @@ class ClusterExecutor(Executor):
         else:
             host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
             key, _ = resolve_key(authkey)
+        lender = None
+        if self._local is not None:  # the connection owns it from here
+            lender, self._local.lender = self._local.lender, None
         try:
             self._conn = ClientConnection(host_port, key, name=name or _default_name(),
                                           connect_timeout=connect_timeout, ssl_context=ssl_context,
-                                          compat_wait=compatible_wait,
+                                          compat_wait=compatible_wait, lender=lender,
                                           reconnect_window=0.0 if self._local is not None else reconnect_window)
         except BaseException:
+            if lender is not None:
+                lender.close()
             if self._local is not None:
                 self._local.stop()
             raise

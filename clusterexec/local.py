@@ -5,11 +5,14 @@
       LocalCluster ──stdin: config, key──────▶│ Master on 127.0.0.1:0 + Agent, N task procs │
                    ◀──pipe: "port"────────────│                                             │
       ClientConnection ═══TCP, authenticated═▶│                                             │
+        lender ◀═══Unix socket pair══════════▶│ Agent lends an idle task process: its socket │
+        └─▶ a borrowed task process's socket  │ goes to the client (see worker.Agent._lend)  │
       stdin closed (shutdown, GC, exit, or   ─▶ stops: kills its task processes, exits      │
       even SIGKILL of the user process)       └─────────────────────────────────────────────┘
 
 The key is fresh and random, and travels over the pipe, never on a command line. Because the child
-stops when its stdin reaches end-of-file, no process outlives the user's program however it ends.
+stops when its stdin reaches end-of-file, no process outlives the user's program however it ends. The
+socket pair is inherited, so only this client can borrow; CLUSTEREXEC_LEND=0 turns borrowing off.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import secrets
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -42,18 +46,28 @@ class LocalCluster:
         self.nprocs = nprocs
         # Large arguments and results go through shared memory rather than the sockets (see shm.py).
         self.shm_prefix = shm.new_prefix() if shm.available() else None
+        # The client borrows idle task processes from the agent over this pair (see worker.Agent._on_lender).
+        self.lender: socket.socket | None = None
+        theirs = None
+        if os.environ.get("CLUSTEREXEC_LEND", "1") != "0":
+            self.lender, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         read_fd = -1
         try:
             read_fd, write_fd = os.pipe()
+            passed = (write_fd, theirs.fileno()) if theirs is not None else (write_fd,)
             try:
                 self.process = subprocess.Popen(
-                    [sys.executable, "-c", "from clusterexec.local import _main; _main()", str(write_fd)],
-                    stdin=subprocess.PIPE, pass_fds=(write_fd,), close_fds=True)
+                    [sys.executable, "-c", "from clusterexec.local import _main; _main()", *map(str, passed)],
+                    stdin=subprocess.PIPE, pass_fds=passed, close_fds=True)
             finally:
                 os.close(write_fd)
+                if theirs is not None:
+                    theirs.close()
         except BaseException:
             if read_fd >= 0:
                 os.close(read_fd)
+            if self.lender is not None:
+                self.lender.close()
             if self.shm_prefix:
                 shm.remove_prefix(self.shm_prefix)  # (its directory, made above)
             raise
@@ -89,6 +103,8 @@ class LocalCluster:
     def stop(self, timeout: float = 10.0) -> None:
         """Close the child's stdin, which makes it stop its node and exit; kill it if it does not."""
         proc = self.process
+        if self.lender is not None:
+            self.lender.close()
         if proc.stdin is not None and not proc.stdin.closed:
             try:
                 proc.stdin.close()
@@ -106,7 +122,7 @@ class LocalCluster:
 # ---------------------------------------------------------------------------------------------- child
 
 
-async def _child(config: dict, port_fd: int) -> None:
+async def _child(config: dict, port_fd: int, lender: socket.socket | None) -> None:
     from .master import Master
     from .worker import Agent
 
@@ -117,7 +133,7 @@ async def _child(config: dict, port_fd: int) -> None:
     master = Master(key)
     _, port = await master.start("127.0.0.1", 0)
     agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
-    await agent.start(link=master.local_link())
+    await agent.start(link=master.local_link(), lender=lender)
     os.write(port_fd, f"{port}\n".encode())
     os.close(port_fd)
     loop = asyncio.get_running_loop()
@@ -150,12 +166,13 @@ def _main() -> None:
     # The user's Futures already carry every failure; the cluster's own warnings would only repeat them.
     logging.getLogger("clusterexec").setLevel(logging.ERROR)
     port_fd = int(sys.argv[1])
+    lender = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else None
     line = sys.stdin.buffer.readline()
     if not line:
         return
     config = json.loads(line)
     sys.path[:] = config["sys_path"]
-    asyncio.run(_child(config, port_fd))
+    asyncio.run(_child(config, port_fd, lender))
 
 
 if __name__ == "__main__":

@@ -131,9 +131,12 @@ def client_check(key: bytes, my_challenge: bytes, verdict: bytes) -> None:
 # ---------------------------------------------------------------------------------------------- frames
 
 
+_JSON = json.JSONEncoder(separators=(",", ":"))  # (json.dumps with any option makes a new encoder per call)
+
+
 def encode(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
     """One frame as a list of byte-like pieces, ready for `writelines`/`sendmsg` without joining."""
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _JSON.encode(header).encode()
     if len(buffers) > MAX_BUFFERS:
         raise ValueError(f"a frame carries at most {MAX_BUFFERS} buffers")
     lens = [memoryview(b).nbytes for b in buffers]
@@ -314,6 +317,23 @@ class BlobLRU:
 
     def get(self, h: str) -> Any:
         return self._items[h][1]
+
+    def export(self) -> list[list[Any]]:
+        """A sender's state, oldest first, for another sender to carry on from (see `restored`)."""
+        return [[h, size] for h, (size, _) in self._items.items()]
+
+    @classmethod
+    def restored(cls, entries: Any) -> BlobLRU:
+        """A sender's mirror rebuilt from `export()`; ValueError or TypeError if `entries` are not such a list."""
+        lru = cls()
+        for h, size in entries:
+            if not isinstance(h, str) or type(size) is not int or size < 0 or h in lru._items:
+                raise ValueError(f"not a cache entry: {h!r}, {size!r}")
+            lru._items[h] = (size, None)
+            lru._bytes += size
+        if lru._bytes > lru.max_bytes or len(lru._items) > lru.max_items:
+            raise ValueError("more cache entries than a cache holds")
+        return lru
 
     def add(self, h: str, size: int, value: Any = None) -> None:
         old = self._items.pop(h, None)

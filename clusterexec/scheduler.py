@@ -24,6 +24,7 @@ from typing import Any
 from .protocol import Task
 
 DEFAULT_RETRIES = 2
+MAX_TRIED = 16  # attempts a client may say a task has had before it was submitted ("tried")
 MAX_PREFETCH = 4096  # tasks a node may ask for ahead of time (quick ones; see `set_prefetch`)
 
 
@@ -234,6 +235,9 @@ class Scheduler:
             if task.id in client.tasks:
                 continue  # a resubmission of a task we still hold: keep the one we have
             ts = TaskState(next(self._gids), client, task)
+            tried = task.opts.get("tried") if task.opts else None
+            if type(tried) is int and 0 < tried <= MAX_TRIED:
+                ts.attempts = tried  # a local client ran it on a process of its own first (see Agent._lend)
             client.tasks[task.id] = ts
             self._by_gid[ts.gid] = ts
             client.queue.append(ts)

@@ -8,6 +8,8 @@
                       ├──socketpair──▶ task process 2
                       └── …  a process that dies mid-task is reaped, reported "lost" with its exit code
                              or signal, and replaced; the master decides on a retry.
+    local client ◀══lender══▶ (local mode only) an idle task process's socket is lent to the client, which
+                      runs a task there itself while it has nothing else in flight; see Agent._on_lender.
 
 Task processes are forked from the agent, which is single-threaded, so start-up is fast and they inherit
 the imports. Each asks the kernel to kill it if the agent dies (PR_SET_PDEATHSIG), so no process outlives
@@ -22,6 +24,7 @@ import ctypes
 import fcntl
 import gc
 import itertools
+import json
 import logging
 import mmap
 import os
@@ -58,6 +61,7 @@ PIPELINE_WORK = 0.005
 PIPELINE_MAX = 64
 SLOW_AFTER = 0.05  # seconds a task runs before its node stops asking for tasks ahead of time (see _ask_prefetch)
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
+LEND_MESSAGE_MAX = 1 << 20  # bytes in one message between a local client and its agent (see Agent._on_lender)
 
 
 # ================================================================================================ agent
@@ -67,7 +71,7 @@ class _Proc:
     """The agent's view of one task process."""
 
     __slots__ = ("pid", "conn", "tasks", "sent", "skip", "eof", "eof_at", "head_since", "service", "killed", "runs",
-                 "retiring", "pidfd", "phase", "deadline", "kill_for", "kill_reason")
+                 "retiring", "pidfd", "phase", "deadline", "kill_for", "kill_reason", "lent")
 
     def __init__(self, pid: int):
         self.pid = pid
@@ -90,6 +94,7 @@ class _Proc:
         self.kill_reason: dict[str, Any] | None = None
         self.runs = 0  # results received, counted as the task process counts them for max_tasks_per_child
         self.retiring = False  # reached max_tasks_per_child: it exits on its own, give it no task
+        self.lent = False  # lent to the local client, which talks to it directly (see Agent._on_lender)
 
     @property
     def task(self) -> P.Task | None:
@@ -155,17 +160,23 @@ class Agent:
         self._heartbeat: tuple[float, float] | None = None  # (interval, timeout) the master asked for
         self._watchdog: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
+        self.lender: socket.socket | None = None  # local mode: where the client asks to borrow a task process
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
-    async def start(self, link: LinkEnd | None = None) -> None:
+    async def start(self, link: LinkEnd | None = None, lender: socket.socket | None = None) -> None:
         """Start the task processes and connect to the master (retrying until `connect_timeout`).
 
         `link`: the agent's end of an in-process link to a master in this event loop, instead of TCP.
+        `lender`: local mode's channel to its one client, which borrows idle task processes over it.
         """
         self._loop = asyncio.get_running_loop()
         for _ in range(self.nprocs):
             self._spawn()
+        if lender is not None:
+            lender.setblocking(False)
+            self.lender = lender
+            self._loop.add_reader(lender.fileno(), self._on_lender)
         if link is not None:
             self._welcome = self._loop.create_future()
             self.conn = link
@@ -248,6 +259,7 @@ class Agent:
         self.closing = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        self._close_lender()
         if self.conn is not None:
             self.conn.close()
         for proc in list(self.procs.values()):
@@ -511,6 +523,101 @@ class Agent:
         self._prefetch_asked = want
         conn.send({"t": "prefetch", "n": want, "back": back} if back else {"t": "prefetch", "n": want})
 
+    # ------------------------------------------------------------------------------------------ lending
+
+    # Local mode: while the client has nothing else in flight (a loop of submit(...).result(), say), it runs its
+    # task on an idle task process of ours directly, sparing the hops through the master and this agent. It asks
+    # over `lender` (a SOCK_SEQPACKET pair from LocalCluster, one JSON message per packet); we pass it the
+    # process's socket, stop reading it and give the process nothing until it comes back with the client's copy
+    # of the blob-cache mirror. The process stays ours: we kill it when the client asks, and when it dies we reap
+    # and replace it and tell the client how, for the client to report or retry its task.
+
+    def _on_lender(self) -> None:
+        try:
+            data = self.lender.recv(LEND_MESSAGE_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client is gone: nobody wants what runs on a lent process any more
+            self._close_lender()
+            for proc in self.procs.values():
+                if proc.lent:
+                    self._kill(proc)
+            return
+        try:
+            msg = json.loads(data)
+            kind = msg["t"]
+            if kind == "lend":
+                self._lend()
+            elif kind == "return":
+                self._take_back(self.procs.get(msg["pid"]), msg["sent"])
+            elif kind == "kill":
+                self._kill_lent(self.procs.get(msg["pid"]), int(msg["task"]))
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("malformed message from the local client: %s", e)
+
+    def _lend(self) -> None:
+        proc = None
+        if not self.closing and not self.leaving:
+            proc = next((p for p in self.procs.values()
+                         if p.conn is not None and not p.tasks and not p.killed and not p.eof and not p.retiring
+                         and not p.lent and p.pidfd is not None and not backlog(p.conn)), None)
+        if proc is None:
+            self._tell_lender({"t": "no"})
+            return
+        transport = proc.conn.transport
+        transport.pause_reading()
+        proc.lent = True
+        sock = transport.get_extra_info("socket")
+        if not self._tell_lender({"t": "lent", "pid": proc.pid, "host": self.host, "sent": proc.sent.export()},
+                                 sock.fileno()):
+            proc.lent = False
+            transport.resume_reading()
+
+    def _take_back(self, proc: _Proc | None, sent: Any) -> None:
+        if proc is None or not proc.lent:
+            return
+        try:
+            proc.sent = P.BlobLRU.restored(sent)
+        except (ValueError, TypeError) as e:
+            log.warning("a task process came back with a malformed cache list (%s); replacing it", e)
+            self._kill(proc)  # we no longer know which functions it holds
+            return
+        proc.lent = False
+        proc.conn.transport.resume_reading()
+        self._dispatch()
+
+    def _kill_lent(self, proc: _Proc | None, task: int) -> None:
+        """The client's kill of a task on a lent process: unless another task of the client's runs there now
+        (this one ended, and the client sent the next), which the client would then have to run again."""
+        if proc is None or not proc.lent or proc.phase is None:
+            return
+        phase, running = _PHASE.unpack_from(proc.phase)
+        if running == task or phase == _IDLE:
+            self._kill(proc)
+
+    def _tell_lender(self, msg: dict[str, Any], fd: int | None = None) -> bool:
+        lender = self.lender
+        if lender is None:
+            return False
+        data = json.dumps(msg).encode()
+        try:
+            if fd is None:
+                lender.send(data)
+            else:
+                socket.send_fds(lender, [data], [fd])
+        except OSError as e:  # (a few small messages at most are ever unread: the client's thread reads them)
+            log.error("cannot reach the local client to lend it a task process: %s", e)
+            return False
+        return True
+
+    def _close_lender(self) -> None:
+        if self.lender is not None:
+            self._loop.remove_reader(self.lender.fileno())
+            self.lender.close()
+            self.lender = None
+
     # ------------------------------------------------------------------------------------------ processes
 
     def _dispatch(self) -> None:
@@ -523,7 +630,7 @@ class Agent:
             return
         queue = self.queue
         ready = [p for p in self.procs.values()
-                 if p.conn is not None and not p.killed and not p.eof and not p.retiring]
+                 if p.conn is not None and not p.killed and not p.eof and not p.retiring and not p.lent]
         batches: dict[_Proc, list[P.Task]] = {}
         for proc in ready:  # first one task to each idle process
             if not queue:
@@ -754,6 +861,8 @@ class Agent:
             code, running = _PHASE.unpack_from(proc.phase)
             info["phase"] = PHASES[code] if code < len(PHASES) else "?"
             proc.phase.close()
+        if proc.lent:  # the client ran its task there itself: it reports (or retries) the task
+            self._tell_lender({"t": "died", "pid": proc.pid, "task": running, "info": info})
         if proc.deadline is not None:
             proc.deadline.cancel()
         # It ran its tasks in order and wrote down the one it was running: those before it had finished (their
