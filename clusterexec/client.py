@@ -64,10 +64,13 @@ _MAX_IOV = 512
 _TLS_RECV_BUDGET = 4 << 20
 _TLS_JOIN = 1 << 16  # small pieces are joined up to this size before encryption
 _JOIN_BELOW = 1 << 10  # pieces of a frame smaller than this are copied together before sending
-_LEND_MESSAGE_MAX = 1 << 20  # as worker.LEND_MESSAGE_MAX
+_LEND_MESSAGE_MAX = 1 << 16  # as worker.LEND_MESSAGE_MAX
 LEASE_LOOK = 0.05  # seconds a leased task runs before the IO thread reads its socket if no caller does
 LEASE_IDLE = 1.0  # seconds a borrowed process stays idle before it goes back to the agent
 _AWAIT_POLL = 0.25  # seconds a caller waits on a borrowed process's socket before it looks again
+# Task ids on a borrowed process: apart from the master's, which the same process has seen and whose
+# shared-memory results may still be on their way (see shm.remove_unsent).
+_LEASE_IDS = 1 << 62
 
 
 class PartialChunk:
@@ -180,7 +183,7 @@ class _Lease:
     """A task process of the local agent that this client borrows, and the one task it runs there (if any)."""
 
     __slots__ = ("sock", "pid", "host", "sent", "frames", "record", "sent_at", "idle_since", "sending", "wanted",
-                 "reader", "dead", "dropped")
+                 "reader", "dead", "died", "dropped")
 
     def __init__(self, sock: socket.socket, pid: int, host: str, sent: P.BlobLRU):
         self.sock = sock
@@ -197,6 +200,7 @@ class _Lease:
         # the ident of a thread in result() or exception() (see _await_lease), or "io" (the IO thread's selector).
         self.reader: int | str | None = None
         self.dead = False  # its socket reached end-of-file: the agent's report of how it died is on its way
+        self.died: dict[str, Any] | None = None  # that report, while a caller still reads (see _lease_died)
         self.dropped = False  # given back, or dead: close the socket once no caller uses it
 
 
@@ -207,18 +211,22 @@ def _leasable(task: P.Task, max_frame: int) -> bool:
     return not (opts and ("timeout" in opts or "mtpc" in opts)) and P.task_size(task) <= max_frame
 
 
-def _send_blocking(sock: socket.socket, pieces: list[Any]) -> None:
-    """Write a frame's pieces to a non-blocking socket, waiting while it is full."""
+def _send_to_lease(lease: _Lease, pieces: list[Any]) -> None:
+    """Write a frame's pieces to a borrowed process's (non-blocking) socket, waiting while it is full; give up
+    once the process is known dead (a process it forked may keep the socket open, and never read)."""
+    sock = lease.sock
     views = [v for v in (memoryview(p).cast("B") for p in pieces) if v.nbytes]
     poller = None
     while views:
         try:
-            sent = sock.sendmsg(views[:_MAX_IOV])
+            # (MSG_NOSIGNAL: a program that set SIGPIPE back to its default must not die of a dead process.)
+            sent = sock.sendmsg(views[:_MAX_IOV], (), socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             if poller is None:
                 poller = select.poll()
                 poller.register(sock, select.POLLOUT)
-            poller.poll(1000)
+            if not poller.poll(_AWAIT_POLL * 1000) and (lease.dead or lease.dropped):
+                raise BrokenPipeError("the borrowed task process is gone") from None
             continue
         while sent:
             if sent >= views[0].nbytes:
@@ -374,17 +382,19 @@ class ClientConnection:
             record = _Record(self, next(self._ids), future, task, chunk)
             future._cx_record = record
             lease = self._lease
+            load = self._master_load()
             if lease is not None and lease.record is None and not lease.sending and not lease.dead \
-                    and self._master_load() < self._nprocs and _leasable(task, self.max_frame):
+                    and lease.died is None and load < self._nprocs and _leasable(task, self.max_frame):
                 record.state = LEASED
                 lease.record = record
                 lease.sending = True
                 self._pending[record.id] = record
+                future.set_running_or_notify_cancel()  # (never cancelled: cancel() refuses LEASED records)
+                future._condition.hook = self._lease_touched
             else:
                 lease = None
                 self._outbox.append(record)
-                if self._lender is not None and self._lease is None and not self._lease_asked \
-                        and self._master_load() < self._nprocs:
+                if load == 0 and self._lender is not None and self._lease is None and not self._lease_asked:
                     self._lease_wanted = True
                 self._wake_locked()
         if lease is not None:
@@ -393,22 +403,37 @@ class ClientConnection:
 
     def _run_leased(self, lease: _Lease, record: _Record) -> None:
         """Send a task to the borrowed process, from the caller's thread (no wake-up of the IO thread)."""
-        future = record.future
-        future.set_running_or_notify_cancel()  # (never cancelled: cancel() refuses LEASED records)
-        future._condition.hook = self._lease_touched
-        lease.sent_at = time.monotonic()
-        entries, buffers = P.encode_tasks(((record.id, record.task),), lease.sent)
+        done = False
         try:
-            _send_blocking(lease.sock, P.encode({"t": "run", "tasks": entries}, buffers))
+            lease.sent_at = time.monotonic()
+            entries, buffers = P.encode_tasks(((_LEASE_IDS + record.id, record.task),), lease.sent)
+            _send_to_lease(lease, P.encode({"t": "run", "tasks": entries}, buffers))
+            done = True
         except OSError:
-            pass  # it died: its socket's end-of-file and the agent's report reach the IO thread
-        with self._lock:
-            lease.sending = False
-            if lease.dropped:
-                lease.sock.close()
-            elif lease.wanted:
-                lease.wanted = False
-                self._wake_locked()
+            done = True  # it died: its socket's end-of-file and the agent's report reach a reader
+        finally:
+            with self._lock:
+                lease.sending = False
+                if not done:  # (interrupted): the process may hold half a frame; its death retries the task
+                    self._lease_broken(lease, _LEASE_IDS + record.id)
+                if lease.dropped:
+                    if lease.reader is None:
+                        lease.sock.close()
+                elif lease.wanted:
+                    lease.wanted = False
+                    self._wake_locked()
+
+    def _lease_broken(self, lease: _Lease, task: int) -> None:
+        """The borrowed process is of no use any more (a frame half sent or half read): have the agent kill
+        it. Its report of the death then settles the task, as for any death (see _lease_died)."""
+        lease.dead = True
+        if lease.reader == "io":
+            if threading.current_thread() is self._thread:
+                lease.reader = None
+                self._sel.unregister(lease.sock)
+            else:
+                self._wake_locked()  # (the IO thread lets go of it, see _tend_lease)
+        self._tell_lender({"t": "kill", "pid": lease.pid, "task": task})
 
     def submit_many(self, deps: list[P.Blob], tasks: list[tuple[list[Any], dict[str, Any] | None]],
                     chunk: bool = False) -> list[ClusterFuture]:
@@ -444,7 +469,10 @@ class ClientConnection:
         remote: list[_Record] = []
         with self._lock:
             for r in records:
-                if r.state == UNSENT:
+                if r.future._state != PENDING:
+                    # Running (its "started" came, or it ran on a borrowed process and goes round again).
+                    answer[r.id] = False
+                elif r.state == UNSENT:
                     r.state = CANCELLED_HERE
                     r.task = None  # (the IO thread drops the record itself when it next takes the outbox)
                     answer[r.id] = True
@@ -505,7 +533,7 @@ class ClientConnection:
                 record.kill_requested = True
                 lease = self._lease
                 if lease is not None and lease.record is record:
-                    self._tell_lender({"t": "kill", "pid": lease.pid, "task": record.id})
+                    self._tell_lender({"t": "kill", "pid": lease.pid, "task": _LEASE_IDS + record.id})
                 return True
             else:
                 return False
@@ -567,14 +595,17 @@ class ClientConnection:
                 data, fds = b"", []
             if not data:  # the local cluster stopped; the master's connection tells the Futures
                 self._sel.unregister(self._lender)
-                self._lender.close()
-                self._lender = None
+                with self._lock:
+                    self._lender.close()
+                    self._lender = None
                 return
             msg = json.loads(data)
             kind = msg.get("t")
             if kind == "lent" and fds:
-                self._borrowed(socket.socket(fileno=fds.pop()), msg)
-            elif kind == "no":
+                fd = fds.pop()
+                os.set_inheritable(fd, False)  # (a subprocess the user starts must not hold it)
+                self._borrowed(socket.socket(fileno=fd), msg)
+            elif kind in ("lent", "no"):
                 self._lease_asked = False
             elif kind == "died":
                 self._lease_died(msg)
@@ -583,7 +614,15 @@ class ClientConnection:
 
     def _borrowed(self, sock: socket.socket, msg: dict[str, Any]) -> None:
         sock.setblocking(False)
-        lease = _Lease(sock, int(msg["pid"]), str(msg.get("host")), P.BlobLRU.restored(msg["sent"]))
+        try:
+            sent = P.BlobLRU.restored(msg["sent"])
+        except (ValueError, TypeError) as e:  # (a bug): not worth the executor; the agent takes it back
+            log.error("the agent lent a task process with a malformed cache list: %s", e)
+            sock.close()
+            self._lease_asked = False
+            self._tell_lender({"t": "return", "pid": msg["pid"], "sent": msg["sent"]})
+            return
+        lease = _Lease(sock, int(msg["pid"]), str(msg.get("host")), sent)
         with self._lock:
             self._lease_asked = False
             self._lease = lease
@@ -599,16 +638,17 @@ class ClientConnection:
         return len(self._pending) + len(self._outbox) - (lease is not None and lease.record is not None)
 
     def _ask_lease_locked(self) -> None:
-        """Borrow a process if we have none and the master's tasks leave one idle."""
+        """Borrow a process if we have none and nothing is in flight. (Not as soon as one process is idle: with
+        a steady few tasks in flight, say map with a small buffersize, it would go back and forth.)"""
         if self._lender is not None and self._lease is None and not self._lease_asked \
-                and self._master_load() < self._nprocs:
+                and self._master_load() == 0:
             self._lease_asked = self._tell_lender({"t": "lend"})
 
     def _give_back_locked(self, idle: bool = False) -> None:
         """Give the borrowed process back if it is idle and the master's tasks would use it (or, `idle`, if it
         has been idle for LEASE_IDLE)."""
         lease = self._lease
-        if lease is None or lease.record is not None or lease.dead or (
+        if lease is None or lease.record is not None or lease.dead or lease.died is not None or (
                 not idle and self._master_load() < self._nprocs):
             return
         if lease.sending:
@@ -638,10 +678,10 @@ class ClientConnection:
                 return
             wanted, self._lease_io_wanted = self._lease_io_wanted, False
             if lease.reader == "io":
-                if lease.record is None:
+                if lease.record is None or lease.dead:
                     lease.reader = None
                     self._sel.unregister(lease.sock)
-            elif lease.reader is None and not lease.dead:
+            elif lease.reader is None and not lease.dead and lease.died is None:
                 if lease.record is not None:
                     if wanted or self._close_when_idle or time.monotonic() - lease.sent_at >= LEASE_LOOK:
                         lease.reader = "io"
@@ -666,39 +706,73 @@ class ClientConnection:
         me = threading.get_ident()
         with self._lock:
             lease = self._lease
-            if lease is None or lease.record is not record or lease.reader is not None or lease.dead:
+            if lease is None or lease.record is not record or lease.dead or lease.died is not None:
+                return timeout
+            if lease.reader == "io" and threading.current_thread() is self._thread:
+                # A done-callback waits: the IO thread, which would read the result, is this thread.
+                lease.reader = None
+                self._sel.unregister(lease.sock)
+            if lease.reader is not None:
                 return timeout
             lease.reader = me
         deadline = None if timeout is None else time.monotonic() + timeout
+        reading = False
         try:
             poller = select.poll()
             poller.register(lease.sock, select.POLLIN)
             # (Polls are bounded: the task may end otherwise than by a word on this socket, say when the agent
             # reports its process dead while a process it forked keeps the socket open.)
-            while record.state == LEASED and lease.reader == me and not lease.dead:
+            while record.state == LEASED and lease.reader == me and not lease.dead and lease.died is None:
                 left = _AWAIT_POLL if deadline is None else min(_AWAIT_POLL, deadline - time.monotonic())
+                if poller.poll(max(left, 0.0) * 1000):  # (a timeout of 0 still takes what has arrived)
+                    reading = True
+                    self._read_lease(lease)
+                    reading = False
                 if left <= 0:
                     break
-                if poller.poll(left * 1000):
-                    self._read_lease(lease)
+        except BaseException:
+            if reading:
+                self._lease_interrupted(lease, record)
+            raise
         finally:
+            died = None
             with self._lock:
                 if lease.reader == me:
                     lease.reader = None
+                    died = lease.died
                     if lease.dropped:
                         if not lease.sending:
                             lease.sock.close()
-                    elif record.state == LEASED:  # (a timeout, an interrupt, or its end): the IO thread reads on
-                        self._lease_io_wanted = True
+                    elif died is None and record.state == LEASED:  # (a timeout, an interrupt, or its end)
+                        self._lease_io_wanted = True  # the IO thread reads on
                         self._wake_locked()
+            if died is not None:
+                self._lease_died(died)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
-    def _read_lease(self, lease: _Lease) -> None:
-        """Read what the borrowed process sent (in whichever thread is its reader) and handle it."""
+    def _lease_interrupted(self, lease: _Lease, record: _Record) -> None:
+        """A caller was interrupted (Ctrl-C) while it read the borrowed process's socket: bytes may be lost, the
+        result among them. The process goes (a task that had not ended runs again through the master); a
+        result taken but not delivered fails its Future rather than leave it waiting forever."""
+        with self._lock:
+            if not lease.dead:
+                self._lease_broken(lease, _LEASE_IDS + record.id)
+            lost = record.state == DONE and not record.future.done()
+            if lost:
+                self._pending.pop(record.id, None)
+                if lease.record is record:
+                    lease.record = None
+        if lost:
+            _set_exception(record.future, ClusterError(
+                "the task's result was lost: the thread reading it was interrupted"))
+
+    def _read_lease(self, lease: _Lease) -> bool:
+        """Read what the borrowed process sent (in whichever thread is its reader) and handle it. False when
+        nothing was there, or at its end."""
         try:
             n = lease.sock.recv_into(lease.frames.get_buffer())
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             n = 0
         try:
@@ -708,40 +782,44 @@ class ClientConnection:
             messages = None
         if messages is None:  # it died (or is about to be killed): the agent says how, see _lease_died
             with self._lock:
-                lease.dead = True
-                if lease.reader == "io":
-                    lease.reader = None
-                    self._sel.unregister(lease.sock)
                 if n:  # it is alive but of no use: have it killed
-                    self._tell_lender({"t": "kill", "pid": lease.pid,
-                                       "task": lease.record.id if lease.record is not None else 0})
-            return
+                    record = lease.record
+                    self._lease_broken(lease, _LEASE_IDS + record.id if record is not None else 0)
+                else:
+                    lease.dead = True
+                    if lease.reader == "io":
+                        lease.reader = None
+                        self._sel.unregister(lease.sock)
+            return False
         for msg in messages:
             if msg.type == "results":
                 self._lease_results(lease, msg)
-            elif msg.type == "output" and lease.record is not None and msg.header.get("id") == lease.record.id:
-                h = msg.header
+                continue
+            record = lease.record
+            h = msg.header
+            if msg.type == "output" and record is not None and h.get("id") == _LEASE_IDS + record.id:
                 items = []
                 dropped = int(h.get("dropped", 0))
                 for stream in h["s"]:
-                    items.append([h["id"], lease.host, lease.pid, stream, dropped])
+                    items.append([record.id, lease.host, lease.pid, stream, dropped])
                     dropped = 0
                 buffers = list(msg.buffers)
                 if dropped:
-                    items.append([h["id"], lease.host, lease.pid, 2, dropped])
+                    items.append([record.id, lease.host, lease.pid, 2, dropped])
                     buffers.append(b"")
                 self._output.write(items, buffers)
+        return True
 
     def _lease_results(self, lease: _Lease, msg: P.Message) -> None:
         items = msg.header["items"]
         for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
             with self._lock:
                 record = lease.record
-                if record is not None and item[0] == record.id:
+                if record is not None and item[0] == _LEASE_IDS + record.id and record.state == LEASED:
+                    record.state = DONE  # (first: see _lease_interrupted)
                     lease.record = None
                     lease.idle_since = time.monotonic()
                     self._pending.pop(record.id, None)
-                    record.state = DONE
                     record.task = None
                     record.future._condition.hook = None
                     if lease.reader == threading.get_ident():
@@ -757,7 +835,7 @@ class ClientConnection:
                 self._drop_segments(bufs, item[3])
                 continue
             if self._output.partial:
-                self._output.task_done(item[0])
+                self._output.task_done(record.id)
             try:
                 self._resolve(record, item[1], bufs, item[3])
             except Exception as e:
@@ -766,21 +844,41 @@ class ClientConnection:
                     f"malformed result from task process {lease.pid}: {type(e).__name__}: {e}"))
 
     def _lease_died(self, msg: dict[str, Any]) -> None:
-        """A lent process died: report or retry the task it had, as the master would."""
+        """A lent process died: report or retry the task it had, as the master would. What it sent before it
+        died comes first: its last output, even its result (a kill that came just after the task ended)."""
+        me = threading.get_ident()
         with self._lock:
             lease = self._lease
             if lease is None or lease.pid != msg.get("pid"):
                 return
+            if isinstance(lease.reader, int) and lease.reader != me:
+                lease.died = msg  # a caller reads for its result: it reads what is left, then comes here
+                return
+            if lease.reader == "io":
+                self._sel.unregister(lease.sock)
+            lease.reader = me
+            lease.died = msg  # (no new task for it)
+        try:
+            while self._read_lease(lease):
+                pass
+        finally:
+            with self._lock:
+                if lease.reader == me:
+                    lease.reader = None
+        with self._lock:
+            if lease is not self._lease:
+                return
             self._lease = None
             self._close_lease(lease)
             record, lease.record = lease.record, None
-            if record is None:
+            if record is None or record.state != LEASED:
                 return
             record.future._condition.hook = None
             info = msg.get("info") or {}
-            started = msg.get("task") == record.id
+            wire_id = _LEASE_IDS + record.id
+            started = msg.get("task") == wire_id
             if self.shm_prefix:  # results it wrote to shared memory and never sent
-                shm.remove_unsent(self.shm_prefix, lease.pid, {record.id})
+                shm.remove_unsent(self.shm_prefix, lease.pid, {wire_id})
             self._pending.pop(record.id, None)
             error = None
             opts = record.task.opts or {}
@@ -799,6 +897,8 @@ class ClientConnection:
                 record.state = UNSENT
                 self._outbox.append(record)
                 self._wake_locked()
+        if self._output.partial:
+            self._output.task_done(record.id)
         if error is not None:
             _set_exception(record.future, error)
 

@@ -53,7 +53,12 @@ class LocalCluster:
             self.lender, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         read_fd = -1
         try:
-            read_fd, write_fd = os.pipe()
+            try:
+                read_fd, write_fd = os.pipe()
+            except BaseException:
+                if theirs is not None:
+                    theirs.close()
+                raise
             passed = (write_fd, theirs.fileno()) if theirs is not None else (write_fd,)
             try:
                 self.process = subprocess.Popen(

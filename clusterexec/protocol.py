@@ -331,8 +331,8 @@ class BlobLRU:
                 raise ValueError(f"not a cache entry: {h!r}, {size!r}")
             lru._items[h] = (size, None)
             lru._bytes += size
-        if lru._bytes > lru.max_bytes or len(lru._items) > lru.max_items:
-            raise ValueError("more cache entries than a cache holds")
+        if len(lru._items) > lru.max_items or (lru._bytes > lru.max_bytes and len(lru._items) > 1):
+            raise ValueError("more cache entries than a cache holds")  # (`add` keeps one entry, however large)
         return lru
 
     def add(self, h: str, size: int, value: Any = None) -> None:

@@ -61,7 +61,7 @@ PIPELINE_WORK = 0.005
 PIPELINE_MAX = 64
 SLOW_AFTER = 0.05  # seconds a task runs before its node stops asking for tasks ahead of time (see _ask_prefetch)
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
-LEND_MESSAGE_MAX = 1 << 20  # bytes in one message between a local client and its agent (see Agent._on_lender)
+LEND_MESSAGE_MAX = 1 << 16  # bytes in one message between a local client and its agent (see Agent._on_lender)
 
 
 # ================================================================================================ agent

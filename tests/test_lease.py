@@ -24,6 +24,7 @@ from conftest import wait_until
 from clusterexec import ClusterExecutor, TaskKilled, WorkerLostError, shm
 from clusterexec import client as C
 from clusterexec import protocol as P
+from clusterexec.executor import _cancel_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,6 +71,27 @@ def exit_once(marker, code):
         path.write_text("crashed once")
         os._exit(code)
     return "second time lucky"
+
+
+def count_run(path, value, nap=0.0):
+    with open(path, "a") as f:
+        f.write("run\n")
+    time.sleep(nap)
+    return value
+
+
+def crash_when_told_once(go, marker):
+    path = Path(marker)
+    if not path.exists():
+        wait_for_file(go)
+        path.write_text("crashed once")
+        os._exit(3)
+    return "ran again"
+
+
+def start_then_sleep(path, seconds):
+    Path(path).touch()
+    time.sleep(seconds)
 
 
 def die_leaving_a_child_that_holds_the_socket(pid_dir):
@@ -278,15 +300,52 @@ def test_done_callback_may_submit_and_wait_for_the_next_task_on_the_borrowed_pro
     assert future.result(timeout=30) == 16
 
 
-def test_kill_stops_a_task_on_the_borrowed_process(ex):
-    future = leased(ex, time.sleep, 60)
+def test_kill_stops_a_task_on_the_borrowed_process(ex, tmp_path):
+    started = tmp_path / "started"
+    future = leased(ex, start_then_sleep, str(started), 60)
     pid = ex._conn._lease.pid
+    wait_until(started.exists, timeout=30, what="the task to start")
     assert ex.kill(future)
     with pytest.raises(TaskKilled, match="killed while running"):
         future.result(timeout=30)
     wait_until(lambda: not os.path.exists(f"/proc/{pid}") or "zombie" in Path(f"/proc/{pid}/status").read_text()
                .lower(), timeout=10, what="the killed process to be gone")
     assert leased(ex, square, 6).result(timeout=30) == 36
+
+
+def test_a_result_sent_before_the_process_died_is_delivered_not_run_again(ex, tmp_path, monkeypatch):
+    """The task ended and its result waits unread in the socket when the process dies (killed here from
+    outside; ex.kill() racing the task's end does the same): the client reads what the process sent before it
+    decides on a retry."""
+    monkeypatch.setattr(C, "LEASE_LOOK", 3600.0)  # nobody reads the socket until the report comes
+    runs = tmp_path / "runs"
+    future = leased(ex, count_run, str(runs), "the value")
+    wait_until(lambda: runs.exists(), timeout=30, what="the task to run")
+    time.sleep(0.3)  # its result is in the socket by now
+    assert future._cx_record.state == C.LEASED
+    pid = ex._conn._lease.pid
+    os.kill(pid, signal.SIGKILL)  # (not ex.kill(), whose look at the Future has the IO thread read it first)
+    wait_until(lambda: ex._conn._lease is None or ex._conn._lease.pid != pid, timeout=10,
+               what="the client to hear of the death")
+    assert future.result(timeout=30) == "the value"
+    assert runs.read_text() == "run\n"
+
+
+def test_cancelling_a_task_retried_after_its_borrowed_process_died_leaves_it_to_finish(ex, tmp_path):
+    """Its Future is running (it started on the borrowed process): cancelling it (as map's clean-up and
+    shutdown(cancel_futures=True) do) must not take its retry out of the queue, leaving the Future running
+    forever."""
+    crash, go, marker = tmp_path / "crash", tmp_path / "go", tmp_path / "crashed"
+    future = leased(ex, crash_when_told_once, str(crash), str(marker))
+    record = future._cx_record
+    blockers = [ex.submit(wait_for_file, str(go)) for _ in range(2)]  # the other process, then the new one
+    wait_until(blockers[0].running, timeout=30, what="the first blocker to start")
+    crash.touch()
+    wait_until(lambda: record.state == C.SENT, timeout=30, what="the retry to go to the master")
+    _cancel_all([future])
+    go.touch()
+    assert future.result(timeout=30) == "ran again"
+    assert all(isinstance(b.result(timeout=30), int) for b in blockers)
 
 
 def test_kill_sent_before_the_task_starts_still_kills_it(ex):
@@ -432,9 +491,13 @@ def test_blob_cache_records_travel_and_malformed_ones_are_refused():
     again = P.BlobLRU.restored(lru.export())
     assert again.export() == [["b" * 64, 20], ["a" * 64, 10]]
     for bad in ([["a", -1]], [["a", "1"]], [[1, 1]], [["a", 1], ["a", 2]], [["a"]], "ab", 5,
-                [[str(i), 1] for i in range(300)]):
+                [[str(i), 1] for i in range(300)], [["a", 1 << 39], ["b", 1 << 39]]):
         with pytest.raises((ValueError, TypeError)):
             P.BlobLRU.restored(bad)
+    # One blob larger than the whole cache is kept (add() never evicts the last entry): that travels too.
+    huge = P.BlobLRU()
+    huge.add("h" * 32, 600 << 20)
+    assert P.BlobLRU.restored(huge.export()).export() == [["h" * 32, 600 << 20]]
 
 
 def test_agent_survives_malformed_messages_from_the_client(ex):
