@@ -387,6 +387,7 @@ class ClientConnection:
                     and lease.died is None and load < self._nprocs and _leasable(task, self.max_frame):
                 record.state = LEASED
                 lease.record = record
+                lease.sent_at = time.monotonic()
                 lease.sending = True
                 self._pending[record.id] = record
                 future.set_running_or_notify_cancel()  # (never cancelled: cancel() refuses LEASED records)
@@ -405,7 +406,6 @@ class ClientConnection:
         """Send a task to the borrowed process, from the caller's thread (no wake-up of the IO thread)."""
         done = False
         try:
-            lease.sent_at = time.monotonic()
             entries, buffers = P.encode_tasks(((_LEASE_IDS + record.id, record.task),), lease.sent)
             _send_to_lease(lease, P.encode({"t": "run", "tasks": entries}, buffers))
             done = True
