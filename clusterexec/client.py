@@ -11,9 +11,13 @@ stays in `pending` with its payload until its Future resolves, so nothing is los
 
 Local mode adds a shortcut for a task submitted while nothing else is in flight (a loop of
 `submit(...).result()`): the client borrows an idle task process from its agent (`_Lease`, over the "lender"
-channel), and the caller sends the task to it directly; the IO thread reads its result. The lease goes back
-as soon as tasks go through the master, and the agent still supervises the process: it kills it on request,
-and reports its death, after which the task is retried through the master or fails as it would there.
+channel), the caller sends the task to it directly, and `result()` reads the answer in the caller's thread
+(any other way of waiting has the IO thread read it). The lease goes back as soon as tasks go through the
+master, and the agent still supervises the process: it kills it on request, and reports its death, after
+which the task is retried through the master or fails as it would there.
+
+Done-callbacks run on the thread that resolves the Future, the IO thread most often: one that waits there
+for an unfinished task gets a RuntimeError (it would wait for itself).
 """
 
 from __future__ import annotations
@@ -147,14 +151,14 @@ class ClusterFuture(Future):
 
     def result(self, timeout: float | None = None) -> Any:
         record = self._cx_record
-        if record is not None and record.state == LEASED:
-            timeout = record.conn._await_lease(record, timeout)
+        if record is not None:
+            timeout = record.conn._before_waiting(record, timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         record = self._cx_record
-        if record is not None and record.state == LEASED:
-            timeout = record.conn._await_lease(record, timeout)
+        if record is not None:
+            timeout = record.conn._before_waiting(record, timeout)
         return super().exception(timeout)
 
     def _notify_cancelled(self) -> None:
@@ -415,7 +419,7 @@ class ClientConnection:
             with self._lock:
                 lease.sending = False
                 if not done:  # (interrupted): the process may hold half a frame; its death retries the task
-                    self._lease_broken(lease, _LEASE_IDS + record.id)
+                    self._lease_broken(lease)
                 if lease.dropped:
                     if lease.reader is None:
                         lease.sock.close()
@@ -423,7 +427,7 @@ class ClientConnection:
                     lease.wanted = False
                     self._wake_locked()
 
-    def _lease_broken(self, lease: _Lease, task: int) -> None:
+    def _lease_broken(self, lease: _Lease) -> None:
         """The borrowed process is of no use any more (a frame half sent or half read): have the agent kill
         it. Its report of the death then settles the task, as for any death (see _lease_died)."""
         lease.dead = True
@@ -433,7 +437,7 @@ class ClientConnection:
                 self._sel.unregister(lease.sock)
             else:
                 self._wake_locked()  # (the IO thread lets go of it, see _tend_lease)
-        self._tell_lender({"t": "kill", "pid": lease.pid, "task": task})
+        self._tell_lender({"t": "kill", "pid": lease.pid})  # (whatever it runs: it is of no use)
 
     def submit_many(self, deps: list[P.Blob], tasks: list[tuple[list[Any], dict[str, Any] | None]],
                     chunk: bool = False) -> list[ClusterFuture]:
@@ -677,17 +681,21 @@ class ClientConnection:
             if lease is None:
                 return
             wanted, self._lease_io_wanted = self._lease_io_wanted, False
+            # Its death reported, and nobody reading on (a caller interrupted while it did): see to it here.
+            died = lease.died if lease.reader is None else None
             if lease.reader == "io":
                 if lease.record is None or lease.dead:
                     lease.reader = None
                     self._sel.unregister(lease.sock)
-            elif lease.reader is None and not lease.dead and lease.died is None:
+            elif lease.reader is None and not lease.dead and died is None:
                 if lease.record is not None:
                     if wanted or self._close_when_idle or time.monotonic() - lease.sent_at >= LEASE_LOOK:
                         lease.reader = "io"
                         self._sel.register(lease.sock, selectors.EVENT_READ, "lease")
                 elif time.monotonic() - lease.idle_since >= LEASE_IDLE:
                     self._give_back_locked(idle=True)
+        if died is not None:
+            self._lease_died(died)
 
     def _lease_touched(self) -> None:
         """The hook of a leased task's Future: someone waits for it other than in result() (wait(), a callback,
@@ -700,19 +708,26 @@ class ClientConnection:
                 self._lease_io_wanted = True
                 self._wake_locked()
 
+    def _before_waiting(self, record: _Record, timeout: float | None) -> float | None:
+        """result() or exception() of a task not known done: read it here if it is on the borrowed process.
+        Returns what is left of `timeout`."""
+        if threading.current_thread() is self._thread and record.state not in (DONE, CANCELLED_HERE):
+            # (A done-callback run by the IO thread would wait for the thread that delivers the result.)
+            raise RuntimeError("a done-callback cannot wait for the result of a task that has not finished: it "
+                               "runs on the thread that delivers results (wait in another thread, or chain "
+                               "another callback)")
+        if record.state == LEASED:
+            return self._await_lease(record, timeout)
+        return timeout
+
     def _await_lease(self, record: _Record, timeout: float | None) -> float | None:
         """result() or exception() of a task on the borrowed process: read its result in this thread, sparing the
         wake-up of the IO thread and the hand-over between threads. Returns what is left of `timeout`."""
         me = threading.get_ident()
         with self._lock:
             lease = self._lease
-            if lease is None or lease.record is not record or lease.dead or lease.died is not None:
-                return timeout
-            if lease.reader == "io" and threading.current_thread() is self._thread:
-                # A done-callback waits: the IO thread, which would read the result, is this thread.
-                lease.reader = None
-                self._sel.unregister(lease.sock)
-            if lease.reader is not None:
+            if lease is None or lease.record is not record or lease.dead or lease.died is not None \
+                    or lease.reader is not None:
                 return timeout
             lease.reader = me
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -735,17 +750,16 @@ class ClientConnection:
                 self._lease_interrupted(lease, record)
             raise
         finally:
-            died = None
             with self._lock:
                 if lease.reader == me:
                     lease.reader = None
-                    died = lease.died
                     if lease.dropped:
                         if not lease.sending:
                             lease.sock.close()
-                    elif died is None and record.state == LEASED:  # (a timeout, an interrupt, or its end)
+                    elif lease.died is None and record.state == LEASED:  # (a timeout, an interrupt, its end)
                         self._lease_io_wanted = True  # the IO thread reads on
                         self._wake_locked()
+                died = lease.died if lease.reader is None and lease is self._lease else None
             if died is not None:
                 self._lease_died(died)
         return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -755,9 +769,11 @@ class ClientConnection:
         result among them. The process goes (a task that had not ended runs again through the master); a
         result taken but not delivered fails its Future rather than leave it waiting forever."""
         with self._lock:
-            if not lease.dead:
-                self._lease_broken(lease, _LEASE_IDS + record.id)
-            lost = record.state == DONE and not record.future.done()
+            # (The Future's state is read without its lock: wait() may hold that lock while its hook waits
+            # for ours.)
+            lost = record.state == DONE and record.future._state in (PENDING, RUNNING)
+            if record.state == LEASED and not lease.dead:
+                self._lease_broken(lease)  # bytes of its result may be gone with the interrupt
             if lost:
                 self._pending.pop(record.id, None)
                 if lease.record is record:
@@ -783,8 +799,7 @@ class ClientConnection:
         if messages is None:  # it died (or is about to be killed): the agent says how, see _lease_died
             with self._lock:
                 if n:  # it is alive but of no use: have it killed
-                    record = lease.record
-                    self._lease_broken(lease, _LEASE_IDS + record.id if record is not None else 0)
+                    self._lease_broken(lease)
                 else:
                     lease.dead = True
                     if lease.reader == "io":
@@ -822,7 +837,7 @@ class ClientConnection:
                     self._pending.pop(record.id, None)
                     record.task = None
                     record.future._condition.hook = None
-                    if lease.reader == threading.get_ident():
+                    if lease.reader == threading.get_ident() and lease.died is None:
                         # A caller reading for its result stops here: the done-callbacks about to run in this
                         # thread may submit and wait for another task on this process.
                         lease.reader = None
@@ -865,6 +880,8 @@ class ClientConnection:
             with self._lock:
                 if lease.reader == me:
                     lease.reader = None
+                if lease is not self._lease and lease.dropped and not lease.sending:
+                    lease.sock.close()  # (dropped meanwhile, by _shut say, and left to this reader)
         with self._lock:
             if lease is not self._lease:
                 return
@@ -1065,8 +1082,10 @@ class ClientConnection:
             self._idle.notify_all()
         for event, _ in waiters:
             event.set()
-        if self._lender is not None:
-            self._lender.close()  # (the agent then kills a process it lent us)
+        with self._lock:
+            if self._lender is not None:
+                self._lender.close()  # (the agent then kills a process it lent us)
+                self._lender = None
         try:
             self._sock.close()
         finally:

@@ -553,7 +553,7 @@ class Agent:
             elif kind == "return":
                 self._take_back(self.procs.get(msg["pid"]), msg["sent"])
             elif kind == "kill":
-                self._kill_lent(self.procs.get(msg["pid"]), int(msg["task"]))
+                self._kill_lent(self.procs.get(msg["pid"]), int(msg["task"]) if "task" in msg else None)
         except (ValueError, TypeError, KeyError) as e:
             log.warning("malformed message from the local client: %s", e)
 
@@ -588,13 +588,14 @@ class Agent:
         proc.conn.transport.resume_reading()
         self._dispatch()
 
-    def _kill_lent(self, proc: _Proc | None, task: int) -> None:
+    def _kill_lent(self, proc: _Proc | None, task: int | None) -> None:
         """The client's kill of a task on a lent process: unless another task of the client's runs there now
-        (this one ended, and the client sent the next), which the client would then have to run again."""
+        (this one ended, and the client sent the next), which the client would then have to run again. With
+        no task, the process itself is of no use to the client any more."""
         if proc is None or not proc.lent or proc.phase is None:
             return
         phase, running = _PHASE.unpack_from(proc.phase)
-        if running == task or phase == _IDLE:
+        if task is None or running == task or phase == _IDLE:
             self._kill(proc)
 
     def _tell_lender(self, msg: dict[str, Any], fd: int | None = None) -> bool:

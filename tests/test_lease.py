@@ -14,6 +14,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, as_completed, wait
 from pathlib import Path
@@ -34,6 +35,11 @@ def noop():
 
 
 def square(x):
+    return x * x
+
+
+def slow_square(x):
+    time.sleep(0.3)
     return x * x
 
 
@@ -281,9 +287,9 @@ def test_death_is_reported_even_if_a_child_of_the_task_keeps_the_socket_open(ex,
                     pass
 
 
-def test_done_callback_may_submit_and_wait_for_the_next_task_on_the_borrowed_process(ex):
-    """The callback runs in the thread that read the result, inside its result(): it must not be left as the
-    socket's reader while it waits for another task there."""
+def test_done_callback_run_by_the_reading_caller_may_wait_for_the_next_task(ex):
+    """result() reads the borrowed process's answer in the caller's thread, so a done-callback runs there:
+    it must not be left as the socket's reader while it waits for another task on that process."""
     seen = []
 
     def then(future):
@@ -292,12 +298,51 @@ def test_done_callback_may_submit_and_wait_for_the_next_task_on_the_borrowed_pro
         seen.append(follow.result(timeout=30))
 
     future = leased(ex, square, 3)
-    future.add_done_callback(then)
+    # (Appended directly: add_done_callback would, through the hook, have the IO thread read the result.)
+    future._done_callbacks.append(then)
     assert future.result(timeout=30) == 9
-    wait_until(lambda: len(seen) == 2, timeout=30, what="the callback's own task")
-    assert seen[1] == 81
-    future = leased(ex, square, 4)
-    assert future.result(timeout=30) == 16
+    assert seen == [C.LEASED, 81]
+    assert leased(ex, square, 4).result(timeout=30) == 16
+
+
+def test_done_callback_on_the_io_thread_waiting_for_a_task_gets_a_clear_error(ex):
+    """The IO thread runs done-callbacks and delivers results: waiting there would wait for itself."""
+    errors = []
+    followers = []
+
+    def then(future):
+        followers.append(ex.submit(square, 5))
+        try:
+            followers[0].result(timeout=30)
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    # The master's path (a time limit), and slow enough that the callback is added before it ends: the
+    # callback then runs on the IO thread.
+    first = ex.options(timeout=60).submit(slow_square, 3)
+    first.add_done_callback(then)
+    assert first.result(timeout=30) == 9
+    wait_until(lambda: errors, timeout=30, what="the callback's error")
+    assert "done-callback cannot wait" in errors[0]
+    assert followers[0].result(timeout=30) == 25
+
+
+def test_ctrl_c_in_result_leaves_the_task_to_finish(ex, tmp_path):
+    """As with ProcessPoolExecutor: Ctrl-C interrupts the wait, not the task, and its Future still resolves."""
+    go = tmp_path / "go"
+    future = leased(ex, wait_for_file, str(go))
+    pid = ex._conn._lease.pid
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            future.result(timeout=30)
+    finally:
+        timer.cancel()
+    assert not future.done()
+    go.touch()
+    assert future.result(timeout=30) == pid
+    assert leased(ex, square, 8).result(timeout=30) == 64
 
 
 def test_kill_stops_a_task_on_the_borrowed_process(ex, tmp_path):
