@@ -232,12 +232,7 @@ def _send_to_lease(lease: _Lease, pieces: list[Any]) -> None:
             if not poller.poll(_AWAIT_POLL * 1000) and (lease.dead or lease.dropped):
                 raise BrokenPipeError("the borrowed task process is gone") from None
             continue
-        while sent:
-            if sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        P.sent_off(views, sent)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -293,7 +288,9 @@ class ClientConnection:
         self._lease: _Lease | None = None
         self._lease_wanted = False  # a caller found nothing in flight: the IO thread asks for a process
         self._lease_asked = False
-        self._lease_io_wanted = False  # a Future's hook, or a caller's timeout: the IO thread reads the lease
+        # When a Future's hook, a caller's timeout or shutdown last asked the IO thread to read the lease (for the
+        # task then on it: a request older than the lease's task is stale).
+        self._lease_io_wanted = 0.0
         self._sel: selectors.BaseSelector | None = None
         self._idle = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="clusterexec-client", daemon=True)
@@ -555,7 +552,7 @@ class ClientConnection:
         with self._idle:
             lease = self._lease
             if lease is not None and lease.record is not None and lease.reader is None:
-                self._lease_io_wanted = True  # nobody else may ever read its result
+                self._lease_io_wanted = time.monotonic()  # nobody else may ever read its result
                 self._wake_locked()
             while (self._outbox or self._pending) and self.broken is None:
                 self._idle.wait(0.5)
@@ -680,7 +677,7 @@ class ClientConnection:
             lease = self._lease
             if lease is None:
                 return
-            wanted, self._lease_io_wanted = self._lease_io_wanted, False
+            wanted = self._lease_io_wanted >= lease.sent_at
             # Its death reported, and nobody reading on (a caller interrupted while it did): see to it here.
             died = lease.died if lease.reader is None else None
             if lease.reader == "io":
@@ -705,7 +702,7 @@ class ClientConnection:
         with self._lock:
             lease = self._lease
             if lease is not None and lease.record is not None and lease.reader is None:
-                self._lease_io_wanted = True
+                self._lease_io_wanted = time.monotonic()
                 self._wake_locked()
 
     def _before_waiting(self, record: _Record, timeout: float | None) -> float | None:
@@ -757,7 +754,7 @@ class ClientConnection:
                         if not lease.sending:
                             lease.sock.close()
                     elif lease.died is None and record.state == LEASED:  # (a timeout, an interrupt, its end)
-                        self._lease_io_wanted = True  # the IO thread reads on
+                        self._lease_io_wanted = time.monotonic()  # the IO thread reads on
                         self._wake_locked()
                 died = lease.died if lease.reader is None and lease is self._lease else None
             if died is not None:

@@ -144,6 +144,16 @@ def encode(header: dict[str, Any], buffers: Sequence[Any] = ()) -> list[Any]:
     return [prefix, head, *buffers]
 
 
+def sent_off(views: list[memoryview], sent: int) -> None:
+    """Drop the first `sent` bytes from a list of pieces being written (what one sendmsg took)."""
+    while sent:
+        if sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
+
 def encode_bytes(header: dict[str, Any], buffers: Sequence[Any] = ()) -> bytes:
     return b"".join(bytes(p) if not isinstance(p, bytes) else p for p in encode(header, buffers))
 

@@ -1262,13 +1262,7 @@ def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
     views = [memoryview(p).cast("B") for p in pieces]
     views = [v for v in views if v.nbytes]
     while views:
-        sent = sock.sendmsg(views[:512])
-        while sent:
-            if sent >= views[0].nbytes:
-                sent -= views.pop(0).nbytes
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        P.sent_off(views, sock.sendmsg(views[:512]))
 
 
 def _note_missing_module(exc: BaseException) -> None:

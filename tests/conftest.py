@@ -189,6 +189,27 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "the condition"):
         time.sleep(0.02)
 
 
+def die_leaving_a_child_that_holds_the_socket(pid_dir):
+    """A task that exits with code 3 while a process it forked lives on (8 s) with a copy of its socket, so
+    no end-of-file tells anyone it died. The child's pid is the name of a file in `pid_dir`."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(8)
+        os._exit(0)
+    Path(pid_dir, str(child)).touch()
+    os._exit(3)
+
+
+def kill_children_named_in(pid_dir: Path) -> None:
+    """Kill the processes `die_leaving_a_child_that_holds_the_socket` left, by the pids it wrote down."""
+    for marker in pid_dir.iterdir():
+        if marker.name.isdigit():
+            try:
+                os.kill(int(marker.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def reap(proc: subprocess.Popen) -> None:
     """End a process the test started if it still runs, collect it, and close its pipes."""
     if proc.poll() is None:

@@ -20,7 +20,14 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
-from conftest import agent_children, is_gone, reap, wait_until
+from conftest import (
+    agent_children,
+    die_leaving_a_child_that_holds_the_socket,
+    is_gone,
+    kill_children_named_in,
+    reap,
+    wait_until,
+)
 
 import clusterexec
 from clusterexec import ClusterError, ClusterUnavailable, RemoteError, SerializationError, WorkerLostError
@@ -571,15 +578,6 @@ def test_one_client_failing_tasks_does_not_disturb_another(cluster, tmp_path):
         assert all(isinstance(f.exception(), WorkerLostError) for f in poison)
 
 
-def die_leaving_a_child_that_holds_the_socket(pid_dir):
-    child = os.fork()
-    if child == 0:  # the child lives on with a copy of the task process's socket
-        time.sleep(8)
-        os._exit(0)
-    Path(pid_dir, str(child)).touch()
-    os._exit(3)
-
-
 def test_a_task_process_that_dies_is_noticed_even_if_a_child_it_forked_keeps_running(cluster, tmp_path):
     try:
         with cluster.executor() as ex:
@@ -590,12 +588,7 @@ def test_a_task_process_that_dies_is_noticed_even_if_a_child_it_forked_keeps_run
             assert time.monotonic() - start < 5
             _still_usable(ex)
     finally:
-        for marker in tmp_path.iterdir():
-            if marker.name.isdigit():
-                try:
-                    os.kill(int(marker.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_children_named_in(tmp_path)
 
 
 def make_bytes(n):

@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, as_completed, wait
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from conftest import die_leaving_a_child_that_holds_the_socket, kill_children_named_in, wait_until
 
 from clusterexec import ClusterExecutor, TaskKilled, WorkerLostError, shm
 from clusterexec import client as C
@@ -98,15 +98,6 @@ def crash_when_told_once(go, marker):
 def start_then_sleep(path, seconds):
     Path(path).touch()
     time.sleep(seconds)
-
-
-def die_leaving_a_child_that_holds_the_socket(pid_dir):
-    child = os.fork()
-    if child == 0:  # the child lives on with a copy of the task process's socket
-        time.sleep(8)
-        os._exit(0)
-    Path(pid_dir, str(child)).touch()
-    os._exit(3)
 
 
 def wait_for_file(path, timeout=60):
@@ -279,12 +270,7 @@ def test_death_is_reported_even_if_a_child_of_the_task_keeps_the_socket_open(ex,
             future.result(timeout=6)
         assert leased(ex, square, 7).result(timeout=30) == 49
     finally:
-        for marker in tmp_path.iterdir():
-            if marker.name.isdigit():
-                try:
-                    os.kill(int(marker.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_children_named_in(tmp_path)
 
 
 def test_done_callback_run_by_the_reading_caller_may_wait_for_the_next_task(ex):
