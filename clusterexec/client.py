@@ -286,7 +286,6 @@ class ClientConnection:
         if lender is not None:
             lender.setblocking(False)
         self._lease: _Lease | None = None
-        self._lease_wanted = False  # a caller found nothing in flight: the IO thread asks for a process
         self._lease_asked = False
         # When a Future's hook, a caller's timeout or shutdown last asked the IO thread to read the lease (for the
         # task then on it: a request older than the lease's task is stale).
@@ -395,9 +394,8 @@ class ClientConnection:
                 future._condition.hook = self._lease_touched
             else:
                 lease = None
+                self._ask_lease_locked()  # (with nothing in flight, before this task joins the master's)
                 self._outbox.append(record)
-                if load == 0 and self._lender is not None and self._lease is None and not self._lease_asked:
-                    self._lease_wanted = True
                 self._wake_locked()
         if lease is not None:
             self._run_leased(lease, record)
@@ -417,10 +415,8 @@ class ClientConnection:
                 lease.sending = False
                 if not done:  # (interrupted): the process may hold half a frame; its death retries the task
                     self._lease_broken(lease)
-                if lease.dropped:
-                    if lease.reader is None:
-                        lease.sock.close()
-                elif lease.wanted:
+                self._close_if_unused(lease)
+                if lease.wanted and not lease.dropped:
                     lease.wanted = False
                     self._wake_locked()
 
@@ -430,8 +426,7 @@ class ClientConnection:
         lease.dead = True
         if lease.reader == "io":
             if threading.current_thread() is self._thread:
-                lease.reader = None
-                self._sel.unregister(lease.sock)
+                self._unwatch_lease(lease)
             else:
                 self._wake_locked()  # (the IO thread lets go of it, see _tend_lease)
         self._tell_lender({"t": "kill", "pid": lease.pid})  # (whatever it runs: it is of no use)
@@ -661,13 +656,23 @@ class ClientConnection:
 
     def _close_lease(self, lease: _Lease) -> None:
         """Stop reading a lease's socket, and close it unless a caller still uses it (then that caller does)."""
+        self._unwatch_lease(lease)
+        lease.dropped = True
+        self._close_if_unused(lease)
+
+    @staticmethod
+    def _close_if_unused(lease: _Lease) -> None:
+        """Close a dropped lease's socket once no thread sends on it or reads it (call with the lock held; every
+        thread that lets go of it calls this). Closing twice does nothing."""
+        if lease.dropped and not lease.sending and lease.reader is None:
+            lease.sock.close()
+
+    def _unwatch_lease(self, lease: _Lease) -> None:
+        """In the IO thread: stop reading the lease's socket there, if it did."""
         if lease.reader == "io":
             lease.reader = None
             if self._sel is not None:
                 self._sel.unregister(lease.sock)
-        lease.dropped = True
-        if not lease.sending and lease.reader is None:
-            lease.sock.close()
 
     def _tend_lease(self) -> None:
         """In the IO thread, whenever it wakes: read the borrowed process's socket while a task runs there that no
@@ -682,8 +687,7 @@ class ClientConnection:
             died = lease.died if lease.reader is None else None
             if lease.reader == "io":
                 if lease.record is None or lease.dead:
-                    lease.reader = None
-                    self._sel.unregister(lease.sock)
+                    self._unwatch_lease(lease)
             elif lease.reader is None and not lease.dead and died is None:
                 if lease.record is not None:
                     if wanted or self._close_when_idle or time.monotonic() - lease.sent_at >= LEASE_LOOK:
@@ -750,11 +754,10 @@ class ClientConnection:
             with self._lock:
                 if lease.reader == me:
                     lease.reader = None
-                    if lease.dropped:
-                        if not lease.sending:
-                            lease.sock.close()
-                    elif lease.died is None and record.state == LEASED:  # (a timeout, an interrupt, its end)
-                        self._lease_io_wanted = time.monotonic()  # the IO thread reads on
+                    self._close_if_unused(lease)
+                    if not lease.dropped and lease.died is None and record.state == LEASED:
+                        # (A timeout, an interrupt, or its end.) The IO thread reads on.
+                        self._lease_io_wanted = time.monotonic()
                         self._wake_locked()
                 died = lease.died if lease.reader is None and lease is self._lease else None
             if died is not None:
@@ -799,9 +802,7 @@ class ClientConnection:
                     self._lease_broken(lease)
                 else:
                     lease.dead = True
-                    if lease.reader == "io":
-                        lease.reader = None
-                        self._sel.unregister(lease.sock)
+                    self._unwatch_lease(lease)
             return False
         for msg in messages:
             if msg.type == "results":
@@ -839,8 +840,7 @@ class ClientConnection:
                         # thread may submit and wait for another task on this process.
                         lease.reader = None
                     self._give_back_locked()
-                    if not self._pending and not self._outbox:
-                        self._idle.notify_all()
+                    self._notify_if_idle_locked()
                 else:
                     record = None
             if record is None:
@@ -866,8 +866,7 @@ class ClientConnection:
             if isinstance(lease.reader, int) and lease.reader != me:
                 lease.died = msg  # a caller reads for its result: it reads what is left, then comes here
                 return
-            if lease.reader == "io":
-                self._sel.unregister(lease.sock)
+            self._unwatch_lease(lease)
             lease.reader = me
             lease.died = msg  # (no new task for it)
         try:
@@ -877,8 +876,7 @@ class ClientConnection:
             with self._lock:
                 if lease.reader == me:
                     lease.reader = None
-                if lease is not self._lease and lease.dropped and not lease.sending:
-                    lease.sock.close()  # (dropped meanwhile, by _shut say, and left to this reader)
+                    self._close_if_unused(lease)  # (dropped meanwhile, by _shut say, and left to this reader)
         with self._lock:
             if lease is not self._lease:
                 return
@@ -903,8 +901,7 @@ class ClientConnection:
             if error is not None:
                 record.state = DONE
                 record.task = None
-                if not self._pending and not self._outbox:
-                    self._idle.notify_all()
+                self._notify_if_idle_locked()
             else:  # again, through the master (counting this attempt if it started)
                 if started:
                     record.task.opts = {**opts, "tried": 1}
@@ -1136,9 +1133,6 @@ class ClientConnection:
             sending.append(r)
             sizes.append(size)
         self._queue_tasks(sending, sizes)
-        if self._lease_wanted:
-            self._lease_wanted = False
-            self._ask_lease_locked()
         self._give_back_locked()
         for req, ids in cancels:
             self._queue_frame({"t": "cancel", "req": req, "ids": ids})
@@ -1269,8 +1263,7 @@ class ClientConnection:
                         _set_exception(record.future, P.ProtocolError(
                             f"malformed result from the master: {type(e).__name__}: {e}"))
                 with self._lock:
-                    if not self._pending and not self._outbox:
-                        self._idle.notify_all()
+                    self._notify_if_idle_locked()
                     self._ask_lease_locked()
             elif t == "output":
                 self._output.write(h["items"], msg.buffers)
@@ -1296,8 +1289,7 @@ class ClientConnection:
                     waiter[1].append(cancelled)
                     waiter[0].set()
                 with self._lock:
-                    if not self._pending and not self._outbox:
-                        self._idle.notify_all()
+                    self._notify_if_idle_locked()
             elif t == "ping":
                 pass  # the master is alive; any message says so
             elif t == "notice":
@@ -1317,6 +1309,11 @@ class ClientConnection:
                     waiter[0].set()
             else:
                 raise P.ProtocolError(f"unknown message type {t!r} from the master")
+
+    def _notify_if_idle_locked(self) -> None:
+        """Nothing in flight any more: wake wait_idle()."""
+        if not self._pending and not self._outbox:
+            self._idle.notify_all()
 
     def _drop_segments(self, bufs: list[Any], info: Any) -> None:
         """The shared-memory segments of a result nobody will read (local mode)."""

@@ -46,21 +46,17 @@ class LocalCluster:
         self.nprocs = nprocs
         # Large arguments and results go through shared memory rather than the sockets (see shm.py).
         self.shm_prefix = shm.new_prefix() if shm.available() else None
-        # The client borrows idle task processes from the agent over this pair (see worker.Agent._on_lender).
+        # The client borrows idle task processes from the agent over a socket pair (see worker.Agent._on_lender).
         self.lender: socket.socket | None = None
-        theirs = None
-        if os.environ.get("CLUSTEREXEC_LEND", "1") != "0":
-            self.lender, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         read_fd = -1
         try:
+            read_fd, write_fd = os.pipe()
+            theirs = None
             try:
-                read_fd, write_fd = os.pipe()
-            except BaseException:
-                if theirs is not None:
-                    theirs.close()
-                raise
-            passed = (write_fd, theirs.fileno()) if theirs is not None else (write_fd,)
-            try:
+                passed: tuple[int, ...] = (write_fd,)
+                if os.environ.get("CLUSTEREXEC_LEND", "1") != "0":
+                    self.lender, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                    passed += (theirs.fileno(),)
                 self.process = subprocess.Popen(
                     [sys.executable, "-c", "from clusterexec.local import _main; _main()", *map(str, passed)],
                     stdin=subprocess.PIPE, pass_fds=passed, close_fds=True)

@@ -97,6 +97,11 @@ class _Proc:
         self.lent = False  # lent to the local client, which talks to it directly (see Agent._on_lender)
 
     @property
+    def usable(self) -> bool:
+        """Attached, alive, not retiring, and not lent: it may be given tasks (or lent)."""
+        return self.conn is not None and not self.killed and not self.eof and not self.retiring and not self.lent
+
+    @property
     def task(self) -> P.Task | None:
         """The task it runs now (or is about to run), if any."""
         return self.tasks[0] if self.tasks else None
@@ -561,8 +566,7 @@ class Agent:
         proc = None
         if not self.closing and not self.leaving:
             proc = next((p for p in self.procs.values()
-                         if p.conn is not None and not p.tasks and not p.killed and not p.eof and not p.retiring
-                         and not p.lent and p.pidfd is not None and not backlog(p.conn)), None)
+                         if p.usable and not p.tasks and p.pidfd is not None and not backlog(p.conn)), None)
         if proc is None:
             self._tell_lender({"t": "no"})
             return
@@ -630,8 +634,7 @@ class Agent:
         if not self.queue:
             return
         queue = self.queue
-        ready = [p for p in self.procs.values()
-                 if p.conn is not None and not p.killed and not p.eof and not p.retiring and not p.lent]
+        ready = [p for p in self.procs.values() if p.usable]
         batches: dict[_Proc, list[P.Task]] = {}
         for proc in ready:  # first one task to each idle process
             if not queue:
