@@ -367,13 +367,16 @@ class Scheduler:
                 self.dirty_nodes.add(ts.node)
 
     def cancel(self, client_id: int, req: int, task_ids: list[int]) -> None:
-        """Cancel what has not started; the answer goes to the client once every node involved replied."""
+        """Cancel what has never started; the answer goes to the client once every node involved replied.
+
+        A task waiting to run again after its process or node died has run (or may have, if its node died before
+        saying): it is refused, as a running one is. Cancelling succeeds only for a task that provably never ran."""
         client = self.clients[client_id]
         request = _CancelRequest(client, req)
         per_node: dict[NodeState, list[int]] = {}
         for tid in task_ids:
             ts = client.tasks.get(tid)
-            if ts is None or ts.started:
+            if ts is None or ts.started or ts.attempts or ts.suspect:
                 request.refused.append(tid)
             elif ts.node is None:
                 ts.cancelled = True  # lazily skipped in the queue

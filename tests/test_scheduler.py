@@ -142,6 +142,40 @@ def test_cancel_of_a_started_task_is_refused():
     assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [], "refused": [1]}]
 
 
+def test_cancel_of_a_task_queued_again_after_its_process_died_is_refused():
+    # It ran once: cancelling it now would say True for a task that ran.
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1, 2))
+    s.schedule()
+    (gid,) = list(s.nodes[10].assigned)
+    s.started(10, [gid])
+    s.result(10, gid, "lost", [], {"exitcode": 9})
+    assert s.task(gid) is not None and s.task(gid).node is None  # queued to run again
+    s.cancel(1, req=1, task_ids=[1, 2])
+    assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [2], "refused": [1]}]
+
+
+def test_cancel_of_a_task_whose_node_died_before_confirming_its_start_is_refused():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=1)
+    s.submit(1, tasks(1))
+    s.schedule()
+    s.remove_node(10)  # it may have been running: nodes report starts a moment late
+    s.cancel(1, req=1, task_ids=[1])
+    assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [], "refused": [1]}]
+
+
+def test_cancel_of_a_task_the_client_already_ran_once_is_refused():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.submit(1, tasks(1, tried=1))  # (a local client's borrowed process died running it)
+    s.cancel(1, req=1, task_ids=[1])
+    assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [], "refused": [1]}]
+
+
 def test_cancel_of_a_prefetched_task_asks_the_node_and_answers_when_it_replies():
     s = Scheduler(prefetch=1)
     s.add_client(1)
