@@ -68,47 +68,42 @@ class ClusterExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
-        self._by_value = S.send_by_value(modules)
-        self._local: LocalCluster | None = None
-        if slurm and address is None:
-            from .slurm import master_address
-            address = master_address(None if slurm is True else slurm)
+        # Everything that can fail before anything is started goes first; what is started after is stopped again
+        # if the constructor fails: a constructor that raises leaves no process, thread or socket behind.
         ssl_context = None
         if tls_cert or tls_key or tls_ca:
             from .auth import TLSConfigError, tls_context
-            if address is None:
+            if address is None and not slurm:
                 raise TLSConfigError("tls_cert, tls_key and tls_ca are for a cluster address: local mode talks to its "
                                      "private master over 127.0.0.1 only and does not use TLS")
             ssl_context = tls_context(server=False, cert=tls_cert, key=tls_key, ca=tls_ca)
-        if address is None:
-            self._local = LocalCluster(max_workers or default_nprocs())
-            host_port, key = self._local.address, self._local.key
-        else:
+        if slurm and address is None:
+            from .slurm import master_address
+            address = master_address(None if slurm is True else slurm)
+        key = None
+        if address is not None:
             host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
             key, _ = resolve_key(authkey)
-        lender = None
-        if self._local is not None:  # the connection owns it from here
-            lender, self._local.lender = self._local.lender, None
+        self._by_value = S.send_by_value(modules)
+        self._local: LocalCluster | None = None
+        self._opts: dict[str, Any] = {}
+        self._init_blob = None
         try:
-            self._conn = ClientConnection(host_port, key, name=name or _default_name(),
-                                          connect_timeout=connect_timeout, ssl_context=ssl_context,
-                                          compat_wait=compatible_wait, lender=lender,
-                                          reconnect_window=0.0 if self._local is not None else reconnect_window)
+            if initializer is not None:
+                self._init_blob = S.function_blob((initializer, tuple(initargs)), "pickling the initializer")
+                self._opts["init"] = 1
+            if address is None:
+                self._local = LocalCluster(max_workers or default_nprocs())
+                host_port, key = self._local.address, self._local.key
+            self._conn = self._connect(host_port, key, name, connect_timeout, ssl_context, compatible_wait,
+                                       reconnect_window)
         except BaseException:
-            if lender is not None:
-                lender.close()
-            if self._local is not None:
-                self._local.stop()
+            S.stop_by_value(self._by_value)
             raise
         self.address = f"{host_port[0]}:{host_port[1]}"
         self._shm_prefix = self._local.shm_prefix if self._local is not None else None
         self._conn.shm_prefix = self._shm_prefix  # results in shared memory are accepted from this cluster only
         self._max_workers = max_workers or max(1, self._conn.procs)
-        self._opts: dict[str, Any] = {}
-        self._init_blob = None
-        if initializer is not None:
-            self._init_blob = S.function_blob((initializer, tuple(initargs)), "pickling the initializer")
-            self._opts["init"] = 1
         if max_tasks_per_child is not None:
             self._opts["mtpc"] = max_tasks_per_child
         if not output:
@@ -117,12 +112,31 @@ class ClusterExecutor(Executor):
         self._shutdown = False
         if self._local is not None:
             self._conn.on_close(self._local.stop)
+        self._conn.on_close(functools.partial(_draining.discard, self._conn))
         # Garbage collected while still open: finish what is pending in the background, then close and
-        # stop local mode. Interpreter exit with the executor open: wait for pending work, as
-        # ProcessPoolExecutor does (see _shutdown_at_exit). Either way no process is left behind.
-        self._finalizer = weakref.finalize(self, self._conn.close, True)
+        # stop local mode. Interpreter exit with the executor open, or shut down without waiting: wait for
+        # pending work, as ProcessPoolExecutor does (see _shutdown_at_exit). Either way no process is left behind.
+        self._finalizer = weakref.finalize(self, _close_when_idle, self._conn)
         self._finalizer.atexit = False
         _open_executors.add(self)
+
+    def _connect(self, host_port: tuple[str, int], key: bytes, name: str | None, connect_timeout: float,
+                 ssl_context: Any, compatible_wait: float, reconnect_window: float) -> ClientConnection:
+        """The connection to the master; in local mode it takes over the lender channel, and the private cluster
+        is stopped if it cannot be made."""
+        lender = None
+        if self._local is not None:  # the connection owns it from here
+            lender, self._local.lender = self._local.lender, None
+        try:
+            return ClientConnection(host_port, key, name=name or _default_name(), connect_timeout=connect_timeout,
+                                    ssl_context=ssl_context, compat_wait=compatible_wait, lender=lender,
+                                    reconnect_window=0.0 if self._local is not None else reconnect_window)
+        except BaseException:
+            if lender is not None:
+                lender.close()
+            if self._local is not None:
+                self._local.stop()
+            raise
 
     # ------------------------------------------------------------------------------------------ submit
 
@@ -317,34 +331,48 @@ class ClusterExecutor(Executor):
 
     def _results(self, futures: deque[Future], more: Iterator[Any] | None, make: Callable[[Any], Future],
                  end_time: float | None, chunked: bool, bar: Any = None) -> Iterator[Any]:
+        # No name in this frame holds a result (or its Future) across a `yield`: once the caller drops a result,
+        # it is freed, as with ProcessPoolExecutor. Big results are memory the caller must be able to let go.
+
+        def take() -> Any:
+            """The next result, after queueing the next input's task (buffersize); a Future that failed or
+            timed out is cancelled, so that its task does not run for nothing."""
+            nonlocal more
+            future = futures.popleft()
+            try:
+                value = future.result(None if end_time is None else end_time - time.monotonic())
+            except BaseException:
+                future.cancel()
+                raise
+            if more is not None:
+                if self._shutdown:
+                    # No new task after shutdown: yield what is in flight, then say why it stops.
+                    more = None
+                    futures.append(_failed(RuntimeError("cannot schedule new futures after shutdown")))
+                else:
+                    item = next(more, _END)
+                    if item is _END:
+                        more = None
+                    else:
+                        futures.append(make(item))
+            return value
+
         try:
             while futures:
-                future = futures.popleft()
-                wait = None if end_time is None else end_time - time.monotonic()
-                try:
-                    value = future.result(wait)
-                except BaseException:
-                    future.cancel()
-                    raise
-                if more is not None:
-                    if self._shutdown:
-                        # No new task after shutdown: yield what is in flight, then say why it stops.
-                        more = None
-                        futures.append(_failed(RuntimeError("cannot schedule new futures after shutdown")))
-                    else:
-                        item = next(more, _END)
-                        if item is _END:
-                            more = None
-                        else:
-                            futures.append(make(item))
-                if chunked:
-                    if isinstance(value, PartialChunk):
-                        yield from value.values
-                        raise value.error
-                    yield from value
-                else:
-                    yield value
-                del value, future
+                if not chunked:
+                    yield take()
+                    continue
+                chunk = take()
+                error = None
+                if isinstance(chunk, PartialChunk):
+                    chunk, error = chunk.values, chunk.error
+                if type(chunk) is not list:
+                    chunk = list(chunk)
+                chunk.reverse()  # (popped one by one: a yielded item stays only with the caller)
+                while chunk:
+                    yield chunk.pop()
+                if error is not None:
+                    raise error
         finally:
             _cancel_all(futures)
             if bar is not None:
@@ -365,7 +393,7 @@ class ClusterExecutor(Executor):
             if self._local is not None:
                 self._local.stop()
         else:
-            self._conn.close(wait_idle=True)
+            _close_when_idle(self._conn)
         self._finalizer.detach()
         _open_executors.discard(self)
         names, self._by_value = self._by_value, []
@@ -431,11 +459,26 @@ def _progress_bar(iterables: tuple, name: str) -> Any:
     return progress.start(total, name)
 
 
+# Connections that close once their tasks are done (shutdown(wait=False), a garbage-collected executor). The
+# program's exit waits for them, so what was submitted still runs and its output still shows.
+_draining: set[ClientConnection] = set()
+
+
+def _close_when_idle(conn: ClientConnection) -> None:
+    _draining.add(conn)
+    conn.close(wait_idle=True)
+    if conn.broken is not None:  # (closed already: its on_close callbacks have run)
+        _draining.discard(conn)
+
+
 @atexit.register
 def _shutdown_at_exit() -> None:
     for executor in list(_open_executors):
         if not executor._shutdown:
             executor.shutdown(wait=True)
+    for conn in list(_draining):
+        conn.wait_idle()
+        conn.close()
 
 
 def _default_name() -> str:

@@ -121,6 +121,11 @@ def touch(path):
     return os.getpid()
 
 
+def sleep_and_print(delay, text):
+    time.sleep(delay)
+    print(text, flush=True)
+
+
 def touch_after(path, delay):
     time.sleep(delay)
     Path(path).touch()
@@ -135,6 +140,40 @@ def block(release, started=None, limit=DEADLINE):
     while not os.path.exists(release) and time.monotonic() < deadline:
         time.sleep(0.01)
     return os.getpid()
+
+
+class Weakly:
+    """A result that can be watched with a weakref."""
+
+
+def make_weakly(_):
+    return Weakly()
+
+
+def crash_first_time(marker, *_):
+    """Die on the first run (which leaves `marker`); later runs return "ran again"."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(13)
+    return "ran again"
+
+
+def signal_if_alive(pid, signum):
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+class SignalOnArrival:
+    """An argument whose unpickling sends `signum` to `pid` (if it still runs): it acts the moment a task
+    process receives it, before the function runs."""
+
+    def __init__(self, pid, signum):
+        self.pid, self.signum = pid, signum
+
+    def __reduce__(self):
+        return signal_if_alive, (self.pid, self.signum)
 
 
 def set_global(value):
@@ -466,6 +505,17 @@ def test_map_exception_raised_lazily_while_earlier_results_are_consumed(make_exe
     assert [next(results) for _ in range(4)] == [0, 1, 2, 3]
     with pytest.raises(ValueError):
         next(results)
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_does_not_keep_a_yielded_result_alive(make_executor, chunksize):
+    # As CPython's test_free_reference: once the caller drops a result, nothing of the executor's holds it.
+    ex = make_executor()
+    for obj in ex.map(make_weakly, range(7), chunksize=chunksize):
+        ref = weakref.ref(obj)
+        del obj
+        gc.collect()
+        wait_until(lambda ref=ref: ref() is None, timeout=5, what="the dropped result to be freed")
 
 
 # ------------------------------------------------------------------------------------------ buffersize
@@ -921,6 +971,50 @@ def test_cancelled_task_never_runs(make_cluster_executor, gate):
     assert not not_done
 
 
+def test_shutdown_never_cancels_a_task_whose_process_died_while_it_waits(make_executor, gate):
+    # The task starts, then its process dies while shutdown(cancel_futures=True) waits: it ran, so it is not
+    # one of the pending tasks that cancel_futures cancels. It ends with its result (run again) or a
+    # BrokenProcessPool, never CANCELLED.
+    ex = make_executor()
+    marker = gate.dir / "crashed"
+    future = ex.submit(crash_first_time, str(marker))
+    wait_until(marker.exists, what="the task to start")
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert not future.cancelled()
+    if future.exception() is None:
+        assert future.result() == "ran again"
+    else:
+        assert isinstance(future.exception(), BrokenProcessPool)
+
+
+def test_a_task_that_may_have_started_on_a_lost_node_is_not_cancelled_by_shutdown(empty_cluster, gate):
+    # Its node freezes before it can report the start, and then dies: the master cannot know whether the task
+    # ran, so cancel_futures must not cancel it (that would say True for a task that ran). It runs again
+    # once a node comes back.
+    node = empty_cluster.start_worker(1)
+    ex = empty_cluster.executor()
+    try:
+        assert ex.submit(square, 2).result(timeout=DEADLINE) == 4  # (its process has imported this module)
+        marker = gate.dir / "crashed"
+        future = ex.submit(crash_first_time, str(marker), SignalOnArrival(node.pid, signal.SIGSTOP))
+        wait_until(marker.exists, what="the task to start")
+        wait_until(lambda: psutil.Process(node.pid).status() == psutil.STATUS_STOPPED, what="the node to freeze")
+        node.kill()
+        node.wait(DEADLINE)
+        empty_cluster.wait_for(lambda info: not info["workers"], what="the master to drop the node")
+        assert not future.running(), "the node reported the start before it froze: the test proves nothing"
+        stopping = threading.Thread(target=ex.shutdown, kwargs={"wait": True, "cancel_futures": True})
+        stopping.start()
+        wait_until(lambda: future.running() or future.done(), what="the cancel to be answered")
+        assert not future.cancelled()
+        empty_cluster.start_worker(1)
+        stopping.join(DEADLINE)
+        assert not stopping.is_alive()
+        assert future.result(timeout=0) == "ran again"
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
 def test_wait_counts_futures_cancelled_by_shutdown_as_done(make_cluster_executor, gate):
     # Stronger than ProcessPoolExecutor, whose waiters never hear of these cancellations.
     ex = make_cluster_executor()
@@ -1101,6 +1195,82 @@ def test_pending_task_completes_when_a_script_exits_with_the_executor_open(tmp_p
         assert_all_gone(pids)
     finally:
         reap(proc)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["local, unpicklable initargs", "cluster, unpicklable initargs",
+                                  "cluster, wrong key", "no master at the address"])
+def test_a_constructor_that_raises_leaves_nothing_behind(request, case):
+    from clusterexec import AuthenticationError, ClusterUnavailable, SerializationError
+
+    kwargs: dict = {}
+    error: type[BaseException] = SerializationError
+    if case.startswith("cluster"):
+        cluster = request.getfixturevalue("cluster")
+        kwargs = {"address": cluster.address, "authkey": cluster.key}
+    elif case.startswith("no master"):
+        kwargs = {"address": f"127.0.0.1:{_free_port()}", "authkey": "k", "connect_timeout": 1}
+        error = ClusterUnavailable
+    if case.endswith("initargs"):
+        kwargs.update(initializer=set_global, initargs=(threading.Lock(),))
+    if case.endswith("wrong key"):
+        kwargs["authkey"] = "not the key"
+        error = AuthenticationError
+    me = psutil.Process()
+    threads, fds, children = set(threading.enumerate()), me.num_fds(), descendants()
+    with pytest.raises(error):
+        ClusterExecutor(**kwargs)
+    assert set(threading.enumerate()) == threads
+    assert me.num_fds() == fds
+    assert_all_gone(descendants() - children)
+
+
+_NO_WAIT_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {here!r})
+    from concurrent.futures import ProcessPoolExecutor
+    from clusterexec import ClusterExecutor
+    import test_contract
+
+    if __name__ == "__main__":
+        kind, address, key = sys.argv[1:4]
+        if kind == "process":
+            ex = ProcessPoolExecutor(2)
+        elif kind == "local":
+            ex = ClusterExecutor(max_workers=2)
+        else:
+            ex = ClusterExecutor(address, authkey=key)
+        ex.submit(test_contract.sleep_and_print, 0.5, "apple")
+        ex.shutdown(wait=False)
+        print("shut down", flush=True)
+""")
+
+
+@pytest.mark.parametrize("kind", ["process", "local", "cluster"])
+def test_tasks_pending_at_shutdown_without_wait_run_before_the_program_exits(tmp_path, request, kind):
+    # As CPython's test_hang_gh83386: the program's exit waits for them, and their output shows.
+    address = key = ""
+    if kind == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        address, key = cluster.address, cluster.key
+    script = tmp_path / "no_wait.py"
+    script.write_text(_NO_WAIT_SCRIPT.format(here=str(HERE)))
+    before = descendants()
+    proc = subprocess.run([sys.executable, str(script), kind, address, key], capture_output=True, text=True,
+                          timeout=DEADLINE)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "shut down"
+    assert len(lines) == 2 and lines[1].endswith("apple"), proc.stdout
+    assert proc.stderr == ""
+    assert_all_gone(descendants() - before)
 
 
 def test_local_mode_leaves_no_process_behind_when_the_user_process_is_killed(tmp_path):
