@@ -1445,6 +1445,8 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
         return TaskKilled("task was killed before it started")
     if kind == "incompatible":
         return IncompatibleWorkers(str(info.get("message")))
+    if kind == "refused":
+        return ClusterError(f"the master refused the task: {info.get('message')}")
     if kind == "initializer":
         error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
     elif kind == "serialization":

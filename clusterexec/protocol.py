@@ -62,12 +62,58 @@ _BUFLEN = struct.Struct("!Q")
 # A task's opts["chunk"]: its payload is a chunk of `map`, of argument tuples or of one iterable's items.
 CHUNK_OF_ARGS = 1
 CHUNK_OF_ITEMS = 2
+MAX_TRIED = 16  # attempts a client may say a task has had before it was submitted ("tried")
 
 DEFAULT_MAX_HEADER = 64 * 1024 * 1024
 DEFAULT_MAX_FRAME = 4 * 1024 * 1024 * 1024  # the master's --max-frame-mb; a task's data must fit
 MAX_BUFFERS = 65535
 
 
+def _is_int(value: Any, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
+def _is_seconds(value: Any) -> bool:
+    return type(value) in (int, float) and 0 < value < 1e9  # (also false for NaN)
+
+
+# Task options: every key a task's `opts` may hold, who writes it, and what its value must be. The master
+# checks a client's tasks against this table (`task_error`) before anything reads them: the scheduler
+# (retries, tried), the node (timeout, confirm, mtpc) and the task process (init, out, chunk, shm).
+TASK_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "retries": lambda v: _is_int(v, 0, 1_000_000),  # executor.options(retries=N): runs again after a death
+    "timeout": _is_seconds,  # executor.options(timeout=S): seconds it may run
+    "tried": lambda v: _is_int(v, 1, MAX_TRIED),  # attempts made before submission (a borrowed process died)
+    "confirm": lambda v: _is_int(v, 0, 1),  # the scheduler: report the start at once (its last node died)
+    "mtpc": lambda v: _is_int(v, 1, 1 << 31),  # max_tasks_per_child
+    "init": lambda v: _is_int(v, 0, 1),  # its second blob is the executor's initializer
+    "out": lambda v: _is_int(v, 0, 1),  # 0: leave what it prints on the worker
+    "chunk": lambda v: v in (CHUNK_OF_ARGS, CHUNK_OF_ITEMS) and type(v) is int,  # a chunk of map
+    "shm": lambda v: type(v) is list and all(type(i) is int and i >= 0 for i in v),  # buffers in shared memory
+}
+
+
+def task_error(task: Task) -> str | None:
+    """What is wrong with a task as a client sent it (its options, or what they say of its blobs and buffers),
+    or None."""
+    opts = task.opts
+    if not task.deps:
+        return "a task needs its function's blob"
+    if opts is None:
+        return None
+    if type(opts) is not dict:
+        return f"task options must be a mapping, not {type(opts).__name__}"
+    for key, value in opts.items():
+        check = TASK_OPTIONS.get(key)
+        if check is None:
+            return f"unknown task option {key!r}"
+        if not check(value):
+            return f"task option {key!r} has an invalid value {value!r}"
+    if opts.get("init") and len(task.deps) < 2:
+        return "task option 'init' without the initializer's blob"
+    if any(i >= len(task.bufs) for i in opts.get("shm", ())):
+        return "task option 'shm' names a buffer the task does not have"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- handshake

@@ -21,10 +21,9 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .protocol import Task
+from .protocol import Task, task_error
 
 DEFAULT_RETRIES = 2
-MAX_TRIED = 16  # attempts a client may say a task has had before it was submitted ("tried")
 MAX_PREFETCH = 4096  # tasks a node may ask for ahead of time (quick ones; see `set_prefetch`)
 
 
@@ -44,9 +43,9 @@ class TaskState:
 
     @property
     def retries(self) -> int:
-        opts = self.task.opts
+        opts = self.task.opts  # (checked as it entered the master: see protocol.TASK_OPTIONS)
         if opts and "retries" in opts:
-            return int(opts["retries"])
+            return opts["retries"]
         return DEFAULT_RETRIES
 
 
@@ -235,9 +234,12 @@ class Scheduler:
             if task.id in client.tasks:
                 continue  # a resubmission of a task we still hold: keep the one we have
             ts = TaskState(next(self._gids), client, task)
-            tried = task.opts.get("tried") if task.opts else None
-            if type(tried) is int and 0 < tried <= MAX_TRIED:
-                ts.attempts = tried  # a local client ran it on a process of its own first (see Agent._lend)
+            error = task_error(task)
+            if error is not None:  # it fails alone: nothing reads its options, no other task is touched
+                self._finish(ts, "error", [], {"kind": "refused", "message": error})
+                continue
+            if task.opts and "tried" in task.opts:
+                ts.attempts = task.opts["tried"]  # a local client ran it on a process of its own first
             client.tasks[task.id] = ts
             self._by_gid[ts.gid] = ts
             client.queue.append(ts)

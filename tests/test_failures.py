@@ -578,6 +578,27 @@ def test_one_client_failing_tasks_does_not_disturb_another(cluster, tmp_path):
         assert all(isinstance(f.exception(), WorkerLostError) for f in poison)
 
 
+@pytest.mark.parametrize("opts", [{"retries": "x"}, {"timeout": "x"}, {"timeout": -1}, {"mtpc": 0},
+                                  {"chunk": 7}, {"init": 1}, {"shm": [5]}, {"no such option": 1}, ["retries"]])
+def test_a_malformed_task_option_fails_that_task_alone(cluster, tmp_path, opts):
+    # Sent as a client could send it (executor.options() would have refused it): the master refuses that task,
+    # and the worker node, the other client and the sender's other tasks go on as if nothing happened.
+    from clusterexec import serialization as S
+
+    attempts = tmp_path / "attempts"
+    with cluster.executor() as sender, cluster.executor() as other:
+        nodes = {w["pid"] for w in cluster.info()["workers"]}
+        args = S.dumps(((str(attempts), "sigkill"), {}), "pickling the arguments")
+        bad = sender._conn.submit([S.function_blob(die_every_time)], args, opts)
+        good = [other.submit(sleep_and_return, 0.01, i) for i in range(20)]
+        with pytest.raises(ClusterError, match="the master refused the task"):
+            bad.result(timeout=RESULT_TIMEOUT)
+        assert [f.result(timeout=RESULT_TIMEOUT) for f in good] == list(range(20))
+        assert sender.submit(square, 3).result(timeout=RESULT_TIMEOUT) == 9
+        assert {w["pid"] for w in cluster.info()["workers"]} == nodes
+        assert not attempts.exists()  # it never ran
+
+
 def test_a_task_process_that_dies_is_noticed_even_if_a_child_it_forked_keeps_running(cluster, tmp_path):
     try:
         with cluster.executor() as ex:

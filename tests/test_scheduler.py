@@ -1,11 +1,13 @@
 """The master's scheduling state, driven directly: no sockets, no processes."""
 
-from clusterexec.protocol import Task
+from clusterexec.protocol import Blob, Task
 from clusterexec.scheduler import Scheduler
+
+FUNCTION = Blob("f" * 64, b"a pickled function")
 
 
 def tasks(*ids, **opts):
-    return [Task(i, [], [], opts or None) for i in ids]
+    return [Task(i, [FUNCTION], [], opts or None) for i in ids]
 
 
 def assigned(sched, node_id):
@@ -174,6 +176,25 @@ def test_cancel_of_a_task_the_client_already_ran_once_is_refused():
     s.submit(1, tasks(1, tried=1))  # (a local client's borrowed process died running it)
     s.cancel(1, req=1, task_ids=[1])
     assert s.clients[1].out_cancel_replies == [{"req": 1, "cancelled": [], "refused": [1]}]
+
+
+def test_a_task_with_a_malformed_option_fails_alone_and_is_never_assigned():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.add_node(10, nprocs=2)
+    s.submit(1, tasks(1) + tasks(2, retries="x") + tasks(3, timeout=float("nan")) + tasks(4))
+    assert [(tid, status) for tid, status in deliveries(s, 1)] == [(2, "error"), (3, "error")]
+    s.schedule()
+    assert [t for _, t in assigned(s, 10)] == [1, 4]
+
+
+def test_every_task_option_the_client_writes_is_accepted():
+    s = Scheduler(prefetch=0)
+    s.add_client(1)
+    s.submit(1, [Task(1, [FUNCTION, FUNCTION], [b"a", b"b"], {"retries": 0, "timeout": 1.5, "tried": 1, "confirm": 1,
+                                                              "mtpc": 3, "init": 1, "out": 0, "chunk": 2, "shm": [1]})])
+    assert deliveries(s, 1) == []
+    assert s.queued() == 1
 
 
 def test_cancel_of_a_prefetched_task_asks_the_node_and_answers_when_it_replies():
