@@ -176,9 +176,13 @@ class Scheduler:
         self.dirty_nodes.discard(node)
         self._free.get(node.compat, {}).pop(node, None)
         waiting = [k for k, r in self._cancels.items() if node_id in r.waiting]
-        for ts in list(node.assigned.values()):
-            if self._cancel_unanswered(ts):  # the node never answered: cancelled, not retried
-                del node.assigned[ts.gid]
+        for ts in node.assigned.values():
+            # The node never answered a cancel for this task: it may have started it a moment before it went
+            # (starts are reported late), so the cancel is refused and the task treated as any other of the node's.
+            request = self._cancels.get(ts.cancel_key) if ts.cancel_key is not None else None
+            ts.cancel_key = None
+            if request is not None:
+                request.refused.append(ts.task.id)
         for key in waiting:
             request = self._cancels[key]
             request.waiting.discard(node_id)

@@ -116,7 +116,7 @@ def make_bytes(n):
     return b"y" * n
 
 
-def touch(path):
+def touch(path, *_):
     Path(path).touch()
     return os.getpid()
 
@@ -1013,6 +1013,31 @@ def test_a_task_that_may_have_started_on_a_lost_node_is_not_cancelled_by_shutdow
         assert future.result(timeout=0) == "ran again"
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_cancel_is_false_for_a_task_that_started_on_a_node_that_froze_before_saying_so(tmp_path, gate):
+    # The node never answers the cancel; once the master gives it up, it must not take the silence for a
+    # success: the task may have started (here it did), so cancel() says False, as for a running task.
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_master(0, "--heartbeat-timeout", "2")
+        node = cluster.start_worker(1)
+        with cluster.executor() as ex:
+            assert ex.submit(square, 2).result(timeout=DEADLINE) == 4  # (its process has imported this module)
+            marker = gate.dir / "ran"
+            future = ex.submit(touch, str(marker), SignalOnArrival(node.pid, signal.SIGSTOP))
+            wait_until(marker.exists, what="the task to run")
+            wait_until(lambda: psutil.Process(node.pid).status() == psutil.STATUS_STOPPED, what="the node to freeze")
+            assert not future.running(), "the node reported the start before it froze: the test proves nothing"
+            assert future.cancel() is False
+            assert not future.cancelled()
+            node.kill()
+            cluster.start_worker(1)
+            assert future.result(timeout=DEADLINE) > 0  # (it runs again: at least once)
+    finally:
+        cluster.stop()
 
 
 def test_wait_counts_futures_cancelled_by_shutdown_as_done(make_cluster_executor, gate):
