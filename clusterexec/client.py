@@ -72,6 +72,8 @@ _LEND_MESSAGE_MAX = 1 << 16  # as worker.LEND_MESSAGE_MAX
 LEASE_LOOK = 0.05  # seconds a leased task runs before the IO thread reads its socket if no caller does
 LEASE_IDLE = 1.0  # seconds a borrowed process stays idle before it goes back to the agent
 _AWAIT_POLL = 0.25  # seconds a caller waits on a borrowed process's socket before it looks again
+ACK_EVERY = 0.5  # seconds after a result before we tell the master we have it ("got"; see _tell_got)
+ACK_RESULTS = 1024  # or after this many results
 # Task ids on a borrowed process: apart from the master's, which the same process has seen and whose
 # shared-memory results may still be on their way (see shm.remove_unsent).
 _LEASE_IDS = 1 << 62
@@ -259,12 +261,18 @@ class ClientConnection:
         self.name = name
         self.connect_timeout = connect_timeout
         self.reconnect_window = reconnect_window
+        # Our session with the master, to resume if the connection is lost (see _reconnect): its token, the
+        # results received in it, and how many of those we told the master about ("got").
+        self._session: str | None = None
+        self._got = 0
+        self._got_told = 0
+        self._got_since = 0.0  # when the first result we have not told of came
         self._adopt(*self._open(connect_timeout))
         self._lock = threading.Lock()
         self._outbox: list[_Record] = []
         self._cancel_out: list[tuple[int, list[int]]] = []
         self._kill_out: list[int] = []
-        self._cancel_waiters: dict[int, tuple[threading.Event, list[set[int]]]] = {}
+        self._cancel_waiters: dict[int, tuple[threading.Event, list[set[int]], list[int]]] = {}  # req → (.., ids)
         self._cancel_ids = itertools.count(1)
         self._status_waiters: deque[tuple[threading.Event, list[dict[str, Any]]]] = deque()
         self._status_out = 0
@@ -313,11 +321,14 @@ class ClientConnection:
             key = self.key
             sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
             P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
-            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": self.name,
-                                         "host": socket.gethostname(), "pid": os.getpid(),
-                                         "python": platform.python_version(),
-                                         "cloudpickle": cloudpickle.__version__, "version": __version__,
-                                         "compat_wait": self.compat_wait}))
+            hello = {"t": "hello", "role": "client", "name": self.name, "host": socket.gethostname(),
+                     "pid": os.getpid(), "python": platform.python_version(), "cloudpickle": cloudpickle.__version__,
+                     "version": __version__, "compat_wait": self.compat_wait}
+            if self.reconnect_window > 0:
+                hello["acks"] = 1  # we say which results we have, so we may resume our session (see _reconnect)
+                if self._session is not None:
+                    hello["resume"] = {"session": self._session, "got": self._got}
+            sock.sendall(P.encode_bytes(hello))
             reader = P.FrameReader()
             welcome = None
             while welcome is None:
@@ -363,6 +374,11 @@ class ClientConnection:
         beat = welcome.get("heartbeat")
         self._heartbeat = (float(beat[0]), float(beat[1])) if beat else None
         self.max_frame = int(welcome.get("max_frame") or P.DEFAULT_MAX_FRAME)
+        session = welcome.get("session")
+        self.resumed = bool(welcome.get("resumed")) and session == self._session
+        if session != self._session:  # a new session: nothing received in it yet
+            self._session = session
+            self._got = self._got_told = 0
         reader.max_frame = max(reader.max_frame, self.max_frame)
         self._last_heard = time.monotonic()
         self._sent_blobs = P.BlobLRU()  # the other side's cache is new too
@@ -485,8 +501,9 @@ class ClientConnection:
                 req = next(self._cancel_ids)
                 event = threading.Event()
                 box: list[set[int]] = []
-                self._cancel_waiters[req] = (event, box)
-                self._cancel_out.append((req, [r.id for r in remote]))
+                ids = [r.id for r in remote]
+                self._cancel_waiters[req] = (event, box, ids)
+                self._cancel_out.append((req, ids))
                 self._wake_locked()
         if remote:
             if event.wait(timeout) and box:
@@ -964,6 +981,9 @@ class ClientConnection:
                 wait = beat[0] if beat else None
                 if self._lease is not None:  # (see _tend_lease)
                     wait = LEASE_LOOK if wait is None else min(wait, LEASE_LOOK)
+                if self._got != self._got_told:  # (see _tell_got)
+                    due = max(0.0, self._got_since + ACK_EVERY - time.monotonic())
+                    wait = due if wait is None else min(wait, due)
                 events = sel.select(0 if tls_pending else wait)
                 readable = tls_pending
                 for key, mask in events:
@@ -991,6 +1011,8 @@ class ClientConnection:
                     # slow done-callback or unpickling a big result: that is not silence.)
                     raise ConnectionError(f"no word from the master for {beat[1]:g} s")
                 with self._lock:
+                    if self._got != self._got_told:
+                        self._tell_got()
                     if self._wbuf:
                         self._write()
                     want_write = bool(self._wbuf) or self._tls_read_wants_write
@@ -1009,6 +1031,13 @@ class ClientConnection:
             if lease is not None and lease.reader == "io":
                 lease.reader = None
 
+    def _tell_got(self) -> None:
+        """Tell the master how many results of our session we have, so that it can let go of them, every
+        ACK_EVERY seconds or ACK_RESULTS results while they come (it keeps them until then: see _reconnect)."""
+        if self._got - self._got_told >= ACK_RESULTS or time.monotonic() - self._got_since >= ACK_EVERY:
+            self._queue_frame({"t": "got", "n": self._got})
+            self._got_told = self._got
+
     def _reconnect(self, error: BaseException) -> bool:
         """Reach the master again (it may be restarting) and resubmit every unfinished task.
 
@@ -1017,43 +1046,59 @@ class ClientConnection:
         host, port = self.address
         log.warning("lost the connection to the master at %s:%s (%s); reconnecting for up to %.0f s",
                     host, port, error, self.reconnect_window)
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        # The old socket stays open until we are back: closing it would tell the master (once the network
+        # heals) that we left, and it would drop the session we want to resume.
+        old = self._sock
         deadline = time.monotonic() + self.reconnect_window
         delay = 0.05
-        while True:
-            if self._stopping:
-                return False
-            try:
-                opened = self._open(max(0.1, min(self.connect_timeout, 5.0, deadline - time.monotonic())))
-                break
-            except (P.AuthenticationError, P.VersionMismatch):
-                raise
-            except (ClusterUnavailable, OSError, P.ProtocolError):
-                if time.monotonic() + delay > deadline:
+        try:
+            while True:
+                if self._stopping:
                     return False
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                try:
+                    opened = self._open(max(0.1, min(self.connect_timeout, 5.0, deadline - time.monotonic())))
+                    break
+                except (P.AuthenticationError, P.VersionMismatch):
+                    raise
+                except (ClusterUnavailable, OSError, P.ProtocolError):
+                    if time.monotonic() + delay > deadline:
+                        return False
+                    time.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        finally:
+            try:
+                old.close()
+            except OSError:
+                pass
         with self._lock:
             self._adopt(*opened)
             self.master_shutdown = None
+            # Everything unfinished goes again. A master that kept our session keeps what it has and drops the
+            # duplicates; one that did not (it restarted) runs them.
             resend = sorted((r for r in self._pending.values() if r.state != LEASED), key=lambda r: r.id)
-            waiters = list(self._cancel_waiters.values())
-            self._cancel_waiters.clear()
             status_waiters = list(self._status_waiters)
             self._status_waiters.clear()
             self._queue_tasks(resend)
+            if self.resumed:  # its answers to our cancels will come on this connection; say them again
+                waiters = []
+                for req, (_, _, ids) in self._cancel_waiters.items():
+                    self._queue_frame({"t": "cancel", "req": req, "ids": ids})
+            else:
+                waiters = list(self._cancel_waiters.values())
+                self._cancel_waiters.clear()
             killed = [r.id for r in resend if r.kill_requested]
             if killed:  # a kill may have died with the old master: say it again
                 self._queue_frame({"t": "kill", "ids": killed})
-        for event, box in waiters:
+        for event, box, _ in waiters:
             box.append(set())  # a cancel lost with the old connection cancelled nothing
             event.set()
         for event, _ in status_waiters:
             event.set()
-        log.warning("reconnected to the master at %s:%s; resubmitted %d unfinished tasks", host, port, len(resend))
+        if self.resumed:
+            log.warning("reconnected to the master at %s:%s, which kept our session and tasks", host, port)
+        else:
+            log.warning("reconnected to the master at %s:%s; resubmitted %d unfinished tasks", host, port,
+                        len(resend))
         return True
 
     def _shut(self, error: BaseException | None) -> None:
@@ -1074,7 +1119,7 @@ class ClientConnection:
                     lease.record = None
                 self._close_lease(lease)
             self._idle.notify_all()
-        for event, _ in waiters:
+        for event, *_ in waiters:
             event.set()
         with self._lock:
             if self._lender is not None:
@@ -1244,6 +1289,10 @@ class ClientConnection:
             h = msg.header
             if t == "results":
                 items = h["items"]
+                if self._session is not None:
+                    if self._got == self._got_told:
+                        self._got_since = time.monotonic()
+                    self._got += len(items)
                 resolved = []
                 for item, bufs in zip(items, P.split_buffers(items, msg.buffers), strict=True):
                     record = self._pending.pop(item[0], None)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import signal
 import socket
 import ssl
@@ -48,6 +49,44 @@ log = logging.getLogger("clusterexec.master")
 # A TLS peer sends its ClientHello as soon as TCP connects, so this only needs to cover a stalled peer.
 TLS_SNIFF_TIMEOUT = 3.0
 
+# What a client that may resume its session (see Master._resume) can leave unconfirmed before it loses that
+# right: results sent, and their bytes. It confirms every half second or so (see client.ACK_EVERY).
+UNCONFIRMED_RESULTS = 1 << 20
+UNCONFIRMED_BYTES = 1 << 30
+
+
+class _ResultLog:
+    """The results sent to one client in its session, numbered from 1, kept until it says it has them ("got"),
+    so that a client cut off by the network gets again those lost with its old connection."""
+
+    __slots__ = ("session", "sent", "acked", "items", "nbytes")
+
+    def __init__(self, session: str):
+        self.session = session
+        self.sent = 0
+        self.acked = 0
+        self.items: deque[tuple[Any, int]] = deque()  # (result, its size)
+        self.nbytes = 0
+
+    def add(self, results: list[Any]) -> bool:
+        """Log results about to be sent; False when too much is unconfirmed to keep any more."""
+        for result in results:
+            size = P.result_size(result)
+            self.items.append((result, size))
+            self.nbytes += size
+        self.sent += len(results)
+        return len(self.items) <= UNCONFIRMED_RESULTS and self.nbytes <= UNCONFIRMED_BYTES
+
+    def ack(self, n: int) -> None:
+        while self.acked < n:
+            _, size = self.items.popleft()
+            self.nbytes -= size
+            self.acked += 1
+
+    def unacked(self) -> list[Any]:
+        return [result for result, _ in self.items]
+
+
 class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""
 
@@ -69,6 +108,8 @@ class Master:
         self._ids = itertools.count(1)
         self._client_conn: dict[int, FramedConnection] = {}
         self._client_cache: dict[int, P.BlobLRU] = {}
+        self._sessions: dict[str, int] = {}  # session token → client id, for clients that may resume (see _resume)
+        self._result_logs: dict[int, _ResultLog] = {}  # client id → results it was sent and has not confirmed
         self._client_output: dict[int, list[tuple[list[Any], Any]]] = {}  # client id → task output to send
         # client id → {(task id, host, pid): bytes of its output dropped while the client lagged, not yet told}
         self._output_dropped: dict[int, dict[tuple[int, Any, int], int]] = {}
@@ -209,14 +250,22 @@ class Master:
     def _hello(self, conn: FramedConnection, header: dict[str, Any]) -> None:
         role = header["role"]
         if role == "client":
+            resume = header.get("resume")
+            if resume is not None and self._resume(conn, header, resume):
+                return
             cid = next(self._ids)
             client = self.scheduler.add_client(cid, _peer_info(conn, header), compat_key(header))
             self._compat_wait[cid] = float(header.get("compat_wait", 60.0))
             self._client_conn[cid] = conn
             self._client_cache[cid] = P.BlobLRU()
             conn.state = ("client", cid)
+            session = None
+            if header.get("acks"):  # it says which results it has: it may resume this session if cut off
+                session = secrets.token_hex(16)
+                self._sessions[session] = cid
+                self._result_logs[cid] = _ResultLog(session)
             conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
-                       "nodes": len(self.scheduler.nodes), "version": __version__,
+                       "nodes": len(self.scheduler.nodes), "version": __version__, "session": session,
                        "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout], "max_frame": self.max_frame})
             log.info("client %d connected from %s (%s)", cid, conn.peer, header.get("name", "?"))
             odd = [n for n in self.scheduler.nodes.values() if n.compat != client.compat]
@@ -245,6 +294,45 @@ class Master:
         else:
             raise ValueError(f"unknown role {role!r}")
 
+    def _resume(self, conn: FramedConnection, header: dict[str, Any], resume: Any) -> bool:
+        """A client that lost its connection (cut off by the network, say) is back on a new one, within its
+        session: its queued and running tasks are still here. It gets again the results it had not received,
+        and the old connection, if we had not noticed its loss, is dropped without ending the session.
+        Returns False when there is no such session any more (a restarted master): it starts a new one."""
+        cid = self._sessions.get(str(resume["session"]))
+        got = resume["got"]
+        results = self._result_logs.get(cid)
+        client = self.scheduler.clients.get(cid)
+        if client is None or results is None:
+            return False
+        if type(got) is not int or not results.acked <= got <= results.sent:
+            raise P.ProtocolError(f"a resuming client says it has {got!r} results of its session, "
+                                  f"but it was sent {results.sent}")
+        old = self._client_conn.get(cid)
+        if old is not None and old is not conn:
+            old.state = None  # (its loss no longer ends the session)
+            old.fail(ConnectionError("the client resumed its session on a new connection"), abort=True)
+        self._client_conn[cid] = conn
+        self._client_cache[cid] = P.BlobLRU()  # (the client starts a new cache with every connection)
+        conn.state = ("client", cid)
+        client.info.update(_peer_info(conn, header))
+        results.ack(got)
+        again = list(results.unacked())
+        # It resubmits all it waits for: those whose results are on their way again, or still to be sent, are
+        # done already.
+        client.resent = {r[0] for r in again} | {r[0] for r in client.out_results}
+        conn.send({"t": "welcome", "id": cid, "procs": self.scheduler.total_procs(),
+                   "nodes": len(self.scheduler.nodes), "version": __version__, "session": results.session,
+                   "resumed": True, "heartbeat": [self.heartbeat_interval, self.heartbeat_timeout],
+                   "max_frame": self.max_frame})
+        for group in P.in_frames(again, P.result_size, self.max_frame):
+            items, buffers = P.encode_results(group)
+            conn.send({"t": "results", "items": items}, buffers)
+        log.info("client %d resumed its session from %s (%s); %d of its results sent again, %d tasks still queued "
+                 "or running", cid, conn.peer, header.get("name", "?"), len(again), len(client.tasks))
+        self.scheduler.dirty_clients.add(client)
+        return True
+
     def _client_message(self, cid: int, msg: P.Message) -> None:
         h = msg.header
         t = msg.type
@@ -257,6 +345,13 @@ class Master:
             self.scheduler.kill(cid, [int(i) for i in h["ids"]])
         elif t == "status":
             self._client_conn[cid].send({"t": "status", **self.status()})
+        elif t == "got":
+            results = self._result_logs.get(cid)
+            n = h["n"]
+            if results is not None:
+                if type(n) is not int or not results.acked <= n <= results.sent:
+                    raise ValueError(f"it says it has {n!r} results, of {results.sent} sent")
+                results.ack(n)
         else:
             raise P.ProtocolError(f"unknown message type {t!r} from a client")
 
@@ -324,6 +419,9 @@ class Master:
             self._output_dropped.pop(ident, None)
             self._compat_wait.pop(ident, None)
             self._stranded.pop(ident, None)
+            results = self._result_logs.pop(ident, None)
+            if results is not None:
+                self._sessions.pop(results.session, None)
             client = self.scheduler.clients.get(ident)
             running = sum(1 for ts in client.tasks.values() if ts.node is not None) if client else 0
             self.scheduler.remove_client(ident)
@@ -441,6 +539,11 @@ class Master:
                 conn.send({"t": "started", "ids": client.out_started})
                 client.out_started = []
             if client.out_results:
+                results = self._result_logs.get(client.id)
+                if results is not None and not results.add(client.out_results):
+                    # It has not said what it received for too long (or these are huge): no resuming then.
+                    del self._result_logs[client.id]
+                    self._sessions.pop(results.session, None)
                 for group in P.in_frames(client.out_results, P.result_size, self.max_frame):
                     items, buffers = P.encode_results(group)
                     conn.send({"t": "results", "items": items}, buffers)

@@ -60,6 +60,9 @@ class ClientState:
     out_cancel_replies: list[dict[str, Any]] = field(default_factory=list)
     tasks_done: int = 0
     compat: str = ""  # Python and cloudpickle versions: it only gets nodes with the same
+    # Tasks whose results were sent again when the client resumed its session on a new connection: it
+    # resubmits everything it still waits for, and these are done already (see Master._resume).
+    resent: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False)
@@ -235,8 +238,8 @@ class Scheduler:
         client = self.clients[client_id]
         was_empty = not client.queue
         for task in tasks:
-            if task.id in client.tasks:
-                continue  # a resubmission of a task we still hold: keep the one we have
+            if task.id in client.tasks or task.id in client.resent:
+                continue  # a resubmission of a task we still hold, or whose result is on its way: keep that
             ts = TaskState(next(self._gids), client, task)
             error = task_error(task)
             if error is not None:  # it fails alone: nothing reads its options, no other task is touched

@@ -1244,6 +1244,54 @@ def test_a_client_given_up_on_leaves_nothing_held_for_it_in_the_master(netns, tm
         cluster.stop()
 
 
+def test_a_client_cut_off_for_longer_than_its_heartbeat_resumes_its_session_and_nothing_runs_twice(netns, tmp_path):
+    # The client gives up on the silent connection and reconnects once the network heals; the master still
+    # holds its session: its queued and running tasks stay, the results that finished meanwhile are delivered
+    # once, and nothing is run a second time.
+    cluster = _NsCluster(tmp_path)
+    cluster.host = netns.host_ip
+    starts = tmp_path / "starts"
+    starts.mkdir()
+    n = 24
+    client = None
+    try:
+        cluster.start_master(0, *FAST_BEAT, "--host", netns.host_ip)
+        cluster.start_worker(2)
+        script = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {str(HERE)!r})
+            from clusterexec import ClusterExecutor
+            from test_resilience import record_and_sleep
+            with ClusterExecutor({cluster.address!r}, authkey={cluster.key!r}, name="resumer") as ex:
+                futures = [ex.submit(record_and_sleep, {str(starts)!r}, x, 0.25) for x in range({n})]
+                while not futures[0].running():
+                    time.sleep(0.01)
+                print("running", flush=True)
+                print([f.result(timeout=60)[0] for f in futures] == [x * x for x in range({n})], flush=True)
+        """)
+        client = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c", script],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+        assert client.stdout.readline().strip() == b"running"
+        netns.ip("link", "set", netns.veth_ns, "down", ns=True)  # the partition: no FIN, no RST, silence
+        try:
+            # Past the client's heartbeat timeout: it gives up on the connection and tries to reconnect.
+            wait_until(lambda: len(list(starts.iterdir())) >= n, timeout=BEAT_TIMEOUT + 10,
+                       what="every task to start while the client is cut off")
+            time.sleep(BEAT_TIMEOUT + 1)
+        finally:
+            netns.ip("link", "set", netns.veth_ns, "up", ns=True)
+        out, err = client.communicate(timeout=30)
+        assert out.strip() == b"True", err.decode()
+        assert "reconnected" in err.decode(), err.decode()  # it did lose the connection
+        runs = Counter(int(p.name.split("-")[0]) for p in starts.iterdir())
+        assert runs == Counter(range(n)), f"tasks run more than once: {sorted(x for x in runs if runs[x] > 1)}"
+    finally:
+        netns.ip("link", "set", netns.veth_ns, "up", ns=True)
+        if client is not None:
+            reap(client)
+        cluster.stop()
+
+
 @pytest.mark.parametrize("value", ["-1", "inf", "nan", "soon", "1.5"])  # (1.5: not over twice the 1 s pings)
 def test_the_master_refuses_a_client_timeout_that_is_no_number_of_seconds(value):
     done = subprocess.run([sys.executable, "-m", "clusterexec.master", "--port", "0", "--authkey", "k" * 32,
