@@ -1351,7 +1351,7 @@ class ClientConnection:
             else:
                 _set_exception(future, exc)
             return
-        _set_exception(future, error_from_info(status, info or {}))
+        _set_exception(future, error_from_info(status, info or {}, bufs))
 
 
 class TaskOutput:
@@ -1416,8 +1416,9 @@ class TaskOutput:
                     pass  # closed or missing: nowhere to write, and no reason to fail the tasks
 
 
-def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
-    """The clusterexec error for a task that failed outside user code."""
+def error_from_info(status: str, info: dict[str, Any], bufs: list[Any] = ()) -> BaseException:
+    """The clusterexec error for a task that failed outside user code (`bufs`: the SerializationError itself,
+    pickled, when one failed the task on the worker)."""
     where = f"on host {info.get('host', '?')}, pid {info.get('pid', '?')}"
     if status == "lost":
         if info.get("node_lost"):
@@ -1449,7 +1450,20 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
         error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
     elif kind == "serialization":
         phase = info.get("phase", "")
-        error = SerializationError(f"task failed while {phase} {where}: {detail}", phase=phase)
+        if str(info.get("type", "")).startswith("clusterexec.errors.SerializationError"):
+            detail = str(info.get("message", "")).removeprefix(f"error {phase}: ")  # "TypeError: ..."
+        message = f"task failed while {phase} {where}: {detail}"
+        error = SerializationError(message, phase=phase)
+        if bufs:
+            try:
+                sent = S.loads(bufs, "unpickling the error")
+            except SerializationError:
+                pass  # its class cannot be rebuilt here: the description will do
+            else:
+                if isinstance(sent, SerializationError):
+                    sent.args = (message,)
+                    sent.phase = phase
+                    error = sent
     else:
         error = RemoteError(f"task failed {where}: {detail}", type_name=info.get("type", ""),
                             remote_message=info.get("message", ""), traceback=info.get("traceback", ""))

@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 
 from . import memory
-from .errors import RemoteError, SerializationError
+from .errors import RemoteError, SerializationError, serialization_error
 from .protocol import Blob, blob_hash
 
 PROTOCOL = 5
@@ -37,7 +37,7 @@ def dumps(obj: Any, phase: str) -> list[Any]:
         try:
             return [pickle.dumps(obj, protocol=PROTOCOL)]
         except (Exception, SystemExit) as e:
-            raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+            raise failed(e, phase) from e
     oob: list[Any] = []
     wrapped: set[int] = set()  # ids of the `bytes` that _OutOfBandBytes carries
 
@@ -55,8 +55,15 @@ def dumps(obj: Any, phase: str) -> list[Any]:
         main = cloudpickle.dumps(_big_bytes_out_of_band(obj, 3, wrapped), protocol=PROTOCOL,
                                  buffer_callback=callback)
     except (Exception, SystemExit) as e:  # a __reduce__ calling sys.exit() is a pickling failure too
-        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+        raise failed(e, phase) from e
     return [main, *oob]
+
+
+def failed(e: BaseException, phase: str, hint: str = "") -> SerializationError:
+    """The SerializationError for `e`, raised by pickle or by user code while `phase`: also an instance of
+    `e`'s class, so that code written for ProcessPoolExecutor (``except pickle.PicklingError:``) catches it."""
+    return serialization_error(f"error {phase}: {type(e).__name__}: {e}{'. ' + hint if hint else ''}",
+                               phase=phase, original=e)
 
 
 _ATOMS = frozenset({type(None), bool, int, float, str})
@@ -138,9 +145,7 @@ def loads(buffers: list[Any], phase: str) -> Any:
     try:
         return pickle.loads(buffers[0], buffers=buffers[1:])
     except (Exception, SystemExit) as e:
-        hint = missing_module_hint(e)
-        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}{'. ' + hint if hint else ''}",
-                                 phase=phase) from e
+        raise failed(e, phase, missing_module_hint(e)) from e
 
 
 def missing_module_hint(exc: BaseException) -> str:
@@ -225,7 +230,7 @@ def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
     try:
         data = cloudpickle.dumps(fn, protocol=PROTOCOL)
     except (Exception, SystemExit) as e:
-        raise SerializationError(f"error {phase}: {type(e).__name__}: {e}", phase=phase) from e
+        raise failed(e, phase) from e
     blob = Blob(blob_hash(data), data)
     if key is not None and _pickled_by_reference(fn):  # (by reference before and after: so were these bytes)
         if len(_by_reference) >= _BY_REFERENCE_MAX:
@@ -255,37 +260,59 @@ def exception_info(exc: BaseException) -> dict[str, str]:
 
 
 def dumps_exception(exc: BaseException) -> tuple[list[Any], dict[str, Any]]:
-    """Pickle an exception raised by user code; when it cannot be pickled, only its description travels."""
+    """Pickle an exception raised by user code. When it cannot be pickled, what travels instead is a
+    SerializationError (and RemoteError) of the pickling error's class that describes it, or failing that
+    only its description (`info`)."""
     info: dict[str, Any] = exception_info(exc)
     tb, exc.__traceback__ = exc.__traceback__, None
     try:
         return dumps(exc, "pickling the exception"), info
     except SerializationError as e:
         info["pickle_error"] = str(e)
-        return [], info
+        try:
+            return dumps(_not_sent(info, e.__cause__), "pickling the exception"), info
+        except SerializationError:
+            return [], info
     finally:
         exc.__traceback__ = tb
+
+
+def _not_sent(info: dict[str, Any], error: BaseException | None) -> SerializationError:
+    """The error that stands for a task's exception that could not be pickled (`error` says why)."""
+    return serialization_error(
+        f"task raised {info.get('type')}: {info.get('message')} "
+        f"(the exception could not be pickled: {info.get('pickle_error')})",
+        phase="pickling the exception", original=error, remote=_remote(info))
+
+
+def _remote(info: dict[str, Any]) -> dict[str, str]:
+    return {"type_name": info.get("type", ""), "remote_message": info.get("message", ""),
+            "traceback": info.get("traceback", "")}
 
 
 def rebuild_exception(buffers: list[Any], info: dict[str, Any]) -> BaseException:
     """The exception to raise in the caller, with the remote traceback as its cause."""
     tb = info.get("traceback", "")
+    if "pickle_error" in info:  # what travels is the SerializationError that says so (see dumps_exception)
+        if buffers:
+            try:
+                exc = loads(buffers, "unpickling the exception")
+            except SerializationError:
+                pass
+            else:
+                if isinstance(exc, RemoteError):
+                    return exc
+        return _not_sent(info, None)
     if buffers:
         try:
             exc = loads(buffers, "unpickling the exception")
         except SerializationError as e:
-            exc = RemoteError(
+            return serialization_error(
                 f"task raised {info.get('type')}: {info.get('message')} "
                 f"(the exception could not be unpickled here: {e})",
-                type_name=info.get("type", ""), remote_message=info.get("message", ""), traceback=tb)
-        else:
-            if isinstance(exc, BaseException):
-                exc.__cause__ = RemoteTraceback(tb)
-                return exc
-            exc = RemoteError(f"task raised a non-exception object of type {type(exc).__name__}", traceback=tb)
-    else:
-        exc = RemoteError(
-            f"task raised {info.get('type')}: {info.get('message')} "
-            f"(the exception could not be pickled: {info.get('pickle_error')})",
-            type_name=info.get("type", ""), remote_message=info.get("message", ""), traceback=tb)
-    return exc
+                phase="unpickling the exception", original=e.__cause__, remote=_remote(info))
+        if isinstance(exc, BaseException):
+            exc.__cause__ = RemoteTraceback(tb)
+            return exc
+        return RemoteError(f"task raised a non-exception object of type {type(exc).__name__}", traceback=tb)
+    return _not_sent(info, None)  # (from an older worker)

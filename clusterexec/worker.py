@@ -1283,7 +1283,14 @@ class _InitializerFailed(Exception):
 def _error_result(exc: BaseException, *, kind: str, phase: str) -> tuple[str, list[Any], Any]:
     info = S.exception_info(exc)
     info.update(kind=kind, phase=phase, pid=os.getpid(), host=socket.gethostname())
-    return "error", [], info
+    bufs: list[Any] = []
+    if isinstance(exc, S.SerializationError):
+        # The error itself travels, so that it is still a TypeError, a PicklingError... in the caller.
+        try:
+            bufs = S.dumps(exc, "pickling the error")
+        except S.SerializationError:
+            pass  # its description alone, then
+    return "error", bufs, info
 
 
 def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:

@@ -1,0 +1,180 @@
+"""The contract for errors, as `ProcessPoolExecutor` has it: what reaches the caller when pickling fails,
+what a remote traceback shows, how a lost process is named, and what may travel as an argument.
+
+Each body runs against the three kinds of `tests/test_contract.py` (its `make_executor` fixture):
+``process`` (ProcessPoolExecutor), ``local`` (local mode) and ``cluster`` (a master and a node started from
+the command line). Where ProcessPoolExecutor does something else, the body says so and why.
+"""
+
+from __future__ import annotations
+
+import pickle
+from concurrent.futures.process import BrokenProcessPool
+
+import pytest
+import test_contract
+from test_contract import DEADLINE
+
+from clusterexec import RemoteError, SerializationError
+from clusterexec.serialization import RemoteTraceback
+
+# The fixtures of test_contract.py: the same three kinds of executor, shut down after each test.
+gate = test_contract.gate
+make_executor = test_contract.make_executor
+
+# ============================================================================================ pickling errors
+# Module level, so that ProcessPoolExecutor's children (and the cluster's workers) can import them.
+
+PICKLE_ERRORS = [TypeError, AttributeError, pickle.PicklingError, pickle.UnpicklingError, SystemExit]
+
+
+def raise_error(cls, text):
+    raise cls(text)
+
+
+def identity(x):
+    return x
+
+
+class FailsWhenPickled:
+    """Its __reduce__ raises `cls`; callable, so it can be the function too."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __call__(self, *args):
+        return args
+
+    def __reduce__(self):
+        raise self.cls(f"{self.cls.__name__} while pickled")
+
+
+class FailsWhenUnpickled:
+    """Pickles fine; unpickling it raises `cls`."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __call__(self, *args):
+        return args
+
+    def __reduce__(self):
+        return raise_error, (self.cls, f"{self.cls.__name__} while unpickled")
+
+
+class ErrorFailsWhenPickled(Exception):
+    def __init__(self, cls):
+        super().__init__("a task's exception")
+        self.cls = cls
+
+    def __reduce__(self):
+        raise self.cls(f"{self.cls.__name__} while pickled")
+
+
+class ErrorFailsWhenUnpickled(Exception):
+    def __init__(self, cls):
+        super().__init__("a task's exception")
+        self.cls = cls
+
+    def __reduce__(self):
+        return raise_error, (self.cls, f"{self.cls.__name__} while unpickled")
+
+
+def return_fails_when_pickled(cls):
+    return FailsWhenPickled(cls)
+
+
+def return_fails_when_unpickled(cls):
+    return FailsWhenUnpickled(cls)
+
+
+def raise_error_fails_when_pickled(cls):
+    raise ErrorFailsWhenPickled(cls)
+
+
+def raise_error_fails_when_unpickled(cls):
+    raise ErrorFailsWhenUnpickled(cls)
+
+
+# What to submit to make pickle fail with `cls` in each phase: (function, argument).
+FAILING_IN = {
+    "pickling the function": lambda cls: (FailsWhenPickled(cls), 1),
+    "pickling the arguments": lambda cls: (identity, FailsWhenPickled(cls)),
+    "unpickling the function": lambda cls: (FailsWhenUnpickled(cls), 1),
+    "unpickling the arguments": lambda cls: (identity, FailsWhenUnpickled(cls)),
+    "pickling the result": lambda cls: (return_fails_when_pickled, cls),
+    "unpickling the result": lambda cls: (return_fails_when_unpickled, cls),
+    "pickling the exception": lambda cls: (raise_error_fails_when_pickled, cls),
+    "unpickling the exception": lambda cls: (raise_error_fails_when_unpickled, cls),
+}
+ON_THE_WORKER = ("unpickling the function", "unpickling the arguments", "pickling the result",
+                 "pickling the exception")
+
+
+def outcome(future) -> BaseException:
+    """The exception the Future fails with (SystemExit included), within DEADLINE."""
+    try:
+        value = future.result(timeout=DEADLINE)
+    except BaseException as e:  # noqa: BLE001
+        if not future.done():
+            raise AssertionError(f"no outcome within {DEADLINE} s") from None
+        return e
+    raise AssertionError(f"the task should have failed, but returned {value!r}")
+
+
+@pytest.mark.parametrize("phase", list(FAILING_IN))
+def test_an_error_raised_while_pickling_or_unpickling_reaches_the_caller_as_its_own_class(make_executor, phase):
+    ppe = make_executor.kind == "process"
+    ex = None
+    for cls in PICKLE_ERRORS:
+        if ppe and cls is SystemExit and phase in ("pickling the function", "pickling the arguments"):
+            continue  # ProcessPoolExecutor's queue feeder thread dies of it: that Future never resolves
+        if ex is None or ppe:
+            ex = make_executor()  # (ProcessPoolExecutor is broken after an unpickling error)
+        fn, arg = FAILING_IN[phase](cls)
+        future = ex.submit(fn, arg)  # never raises here: the Future carries the error
+        try:
+            future.result(timeout=DEADLINE)
+        except cls:  # what code written for ProcessPoolExecutor catches
+            err = future.exception()
+        except BaseException as e:  # noqa: BLE001
+            err = e
+        if ppe and phase.startswith("unpickling"):
+            # ProcessPoolExecutor breaks: a child dies of it, or its result thread does.
+            assert isinstance(err, BrokenProcessPool), repr(err)
+            continue
+        assert isinstance(err, cls), f"{cls.__name__} {phase}: got {err!r}"
+        if ppe:
+            continue
+        assert isinstance(err, SerializationError), repr(err)
+        assert err.phase == phase
+        text = str(err)
+        assert phase in text and cls.__name__ in text, text
+        if phase.endswith("the exception"):
+            # ...and it still describes the task's own exception, which could not travel.
+            assert isinstance(err, RemoteError), repr(err)
+            assert err.type_name.endswith("ErrorFails" + ("WhenPickled" if "unpickling" not in phase
+                                                          else "WhenUnpickled"))
+            assert err.remote_message == "a task's exception"
+        elif phase in ON_THE_WORKER:
+            assert isinstance(err.__cause__, RemoteTraceback), repr(err.__cause__)
+            assert cls.__name__ in str(err.__cause__)
+        else:
+            assert type(err.__cause__) is cls  # the error pickle raised here
+        if cls is SystemExit:
+            assert err.code == f"SystemExit while {'unpickled' if 'unpickling' in phase else 'pickled'}"
+    assert make_executor().submit(identity, 3).result(timeout=DEADLINE) == 3
+
+
+def test_a_serialization_error_pickles_as_itself():
+    """It can travel: raised in a task (a nested executor's), it reaches the caller with its class and phase."""
+    from clusterexec.errors import serialization_error
+
+    err = serialization_error("error pickling the result: TypeError: no", phase="pickling the result",
+                              original=TypeError("no"))
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is type(err)
+    assert isinstance(copy, TypeError) and isinstance(copy, SerializationError)
+    assert copy.phase == "pickling the result" and str(copy) == str(err)
+    exit_error = pickle.loads(pickle.dumps(serialization_error("x", phase="p", original=SystemExit(3))))
+    assert isinstance(exit_error, SystemExit) and exit_error.code == 3
