@@ -8,14 +8,18 @@ the command line). Where ProcessPoolExecutor does something else, the body says 
 
 from __future__ import annotations
 
+import os
 import pickle
+import signal
+import sys
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 import pytest
 import test_contract
 from test_contract import DEADLINE
 
-from clusterexec import RemoteError, SerializationError
+from clusterexec import RemoteError, SerializationError, WorkerLostError
 from clusterexec.serialization import RemoteTraceback
 
 # The fixtures of test_contract.py: the same three kinds of executor, shut down after each test.
@@ -178,3 +182,46 @@ def test_a_serialization_error_pickles_as_itself():
     assert copy.phase == "pickling the result" and str(copy) == str(err)
     exit_error = pickle.loads(pickle.dumps(serialization_error("x", phase="p", original=SystemExit(3))))
     assert isinstance(exit_error, SystemExit) and exit_error.code == 3
+
+
+# ============================================================================================ a lost process
+
+
+def note_pid_then_die(directory, how):
+    """Write this process's pid down as a file in `directory`, then die: exit code 7, or SIGKILL."""
+    Path(directory, str(os.getpid())).touch()
+    if how == "exit":
+        os._exit(7)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["exit", "signal"])
+def test_a_task_whose_process_dies_names_that_process_and_how_it_ended(make_executor, tmp_path, how):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    ex = make_executor()
+    err = ex.submit(note_pid_then_die, str(pids), how).exception(timeout=3 * DEADLINE)
+    assert isinstance(err, BrokenProcessPool), repr(err)
+    ended = "terminated abruptly with exit code " + ("7" if how == "exit" else "-9")
+    if make_executor.kind == "process":
+        if sys.version_info >= (3, 15):  # gh-139462: its cause says so
+            assert ended in str(err.__cause__), repr(err.__cause__)
+        return
+    died = {int(p.name) for p in pids.iterdir()}  # one process per attempt
+    assert isinstance(err, WorkerLostError)
+    assert err.pid in died and err.attempts == len(died)
+    assert err.host
+    text = str(err)
+    assert f"pid {err.pid}" in text, text
+    if how == "exit":
+        assert err.exitcode == 7 and err.signal is None
+        assert "exited with code 7 while running the task" in text, text
+    else:
+        assert err.exitcode is None and err.signal == "SIGKILL"
+        assert "killed by SIGKILL while running the task" in text, text
+    # As Python 3.15's BrokenProcessPool: the cause says which process ended and how.
+    assert isinstance(err.__cause__, RemoteTraceback)
+    assert f"task process {err.pid} on host {err.host} {ended}" in str(err.__cause__)
+    copy = pickle.loads(pickle.dumps(err))  # it travels with its attributes (raised in a task, say)
+    assert (copy.pid, copy.exitcode, copy.signal, copy.attempts) == (err.pid, err.exitcode, err.signal,
+                                                                      err.attempts)
