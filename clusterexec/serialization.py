@@ -7,16 +7,29 @@
 
 Large buffers (bytes, NumPy arrays) ride as pickle protocol 5 out-of-band buffers: separate frame buffers
 that master and agent forward without looking inside. Every failure says which phase failed.
+
+A function sent by value (defined in `__main__` or a notebook, a lambda, a closure) keeps its file name, and
+its blob carries the source lines of its code after the pickle itself (`_SourcePickler`): a traceback from
+a task shows the file, the line and its text, as a local run would, even where the file does not exist.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copyreg
 import importlib
+import io
+import linecache
+import os
 import pickle
 import socket
+import struct
 import sys
+import threading
 import traceback
 import types
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import cloudpickle
@@ -228,7 +241,10 @@ def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
         if not _pickled_by_reference(fn):
             key = None
     try:
-        data = cloudpickle.dumps(fn, protocol=PROTOCOL)
+        if key is not None:
+            data = cloudpickle.dumps(fn, protocol=PROTOCOL)  # by reference: no code, no source
+        else:
+            data = _dumps_with_source(fn)
     except (Exception, SystemExit) as e:
         raise failed(e, phase) from e
     blob = Blob(blob_hash(data), data)
@@ -237,6 +253,161 @@ def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
             _by_reference.clear()
         _by_reference[key] = (fn, blob)
     return blob
+
+
+# ------------------------------------------------------------------------------- source lines of functions
+# A function blob is [the function's pickle][pickle of {file name: {line number: line}}][length, 4 bytes][magic].
+# pickle.loads stops at the end of the first pickle, so a reader that knows nothing of the rest still works.
+
+_SOURCE_MAGIC = b"CXsrc1\n"
+_SOURCE_TAIL = struct.Struct("<I")
+_DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives every code object it pickles
+_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+# Source lines noted per code object, by id (a lambda submitted in a loop is pickled again at each submit):
+# id → (a weak reference to it, its file name, its lines).
+_snippets: dict[int, tuple[Any, str, dict[int, str]]] = {}
+_SNIPPETS_MAX = 4096
+Sources = dict[str, dict[int, str]]
+
+
+class _SourcePickler(cloudpickle.Pickler):
+    """cloudpickle's Pickler, except that each code object it pickles by value keeps its file name and has its
+    source lines noted in `sources`."""
+
+    def __init__(self, file: Any) -> None:
+        # (The C pickler reads the table once, when it is initialized: set it first.)
+        self.dispatch_table = _source_dispatch_table()
+        super().__init__(file, protocol=PROTOCOL)
+
+
+_collected = threading.local()  # .sources: what the _SourcePickler at work in this thread has noted
+_table: tuple[dict[Any, Any], dict[Any, Any]] | None = None  # (copyreg's table as it was, ours made from it)
+
+
+def _source_dispatch_table() -> dict[Any, Any]:
+    """cloudpickle's reducers, with ours for code objects, in one plain dict: the C pickler looks a plain dict
+    up without calling back into Python (cloudpickle's own table is a ChainMap). Made again when someone has
+    registered a reducer with copyreg since."""
+    global _table
+    if _table is None or _table[0] != copyreg.dispatch_table:
+        table = dict(copyreg.dispatch_table)
+        table.update(cloudpickle.Pickler._dispatch_table)
+        table[types.CodeType] = _reduce_code
+        _table = (dict(copyreg.dispatch_table), table)
+    return _table[1]
+
+
+def _filename_index() -> int | None:
+    """Where cloudpickle puts the file name among the arguments that rebuild a code object."""
+    if _code_reduce is None:
+        return None
+    args = _code_reduce(_filename_index.__code__)[1]
+    found = [i for i, a in enumerate(args) if type(a) is str and a == _DYNAMIC_CODE]
+    return found[0] if len(found) == 1 else None
+
+
+_FILENAME_AT = _filename_index()
+
+
+def _reduce_code(code: types.CodeType) -> Any:
+    rebuild, args = _code_reduce(code)
+    filename = code.co_filename
+    args = (*args[:_FILENAME_AT], filename, *args[_FILENAME_AT + 1:])
+    noted = _snippets.get(id(code))
+    if noted is None or noted[0]() is not code or noted[1] != filename:
+        if len(_snippets) >= _SNIPPETS_MAX:
+            _snippets.clear()
+        noted = _snippets[id(code)] = (weakref.ref(code), filename, _source_of(code))
+    sources = getattr(_collected, "sources", None)
+    if noted[2] and sources is not None:
+        sources.setdefault(filename, {}).update(noted[2])
+    return rebuild, args
+
+
+def _source_of(code: types.CodeType) -> dict[int, str]:
+    """The lines of `code` in its file, as this process's linecache has them (IPython puts cells there)."""
+    lines = linecache.getlines(code.co_filename)
+    if not lines:
+        return {}
+    first = code.co_firstlineno
+    numbers = [line for _, _, line in code.co_lines() if line is not None]
+    last = min(max(numbers, default=first), len(lines))
+    return {n: lines[n - 1] for n in range(max(first, 1), last + 1)}
+
+
+def _dumps_with_source(fn: Any) -> bytes:
+    if _FILENAME_AT is None:  # (a cloudpickle that makes code objects otherwise: its file names, then)
+        return cloudpickle.dumps(fn, protocol=PROTOCOL)
+    file = io.BytesIO()
+    outer = getattr(_collected, "sources", None)  # (a __reduce__ that pickles a function itself)
+    _collected.sources = sources = {}
+    try:
+        _SourcePickler(file).dump(fn)
+    finally:
+        _collected.sources = outer
+    if sources:
+        start = file.tell()
+        pickle.dump(sources, file, protocol=PROTOCOL)
+        file.write(_SOURCE_TAIL.pack(file.tell() - start))
+        file.write(_SOURCE_MAGIC)
+    return file.getvalue()
+
+
+def sources_in(data: Any) -> Sources | None:
+    """The source lines a function blob carries, if any."""
+    view = memoryview(data)
+    tail = len(_SOURCE_MAGIC) + _SOURCE_TAIL.size
+    if len(view) < tail or view[-len(_SOURCE_MAGIC):] != _SOURCE_MAGIC:
+        return None
+    (size,) = _SOURCE_TAIL.unpack(view[-tail:-len(_SOURCE_MAGIC)])
+    try:
+        sources = pickle.loads(view[-tail - size:-tail])
+    except Exception:  # noqa: BLE001 - only for tracebacks: never worth failing a task
+        return None
+    return sources if isinstance(sources, dict) else None
+
+
+@contextlib.contextmanager
+def _shown(sources: Sources | None) -> Iterator[None]:
+    """While formatting a traceback: linecache gives the lines of `sources` for their files, over what the
+    file on this machine (if any) has, so that the text shown is that of the code that ran."""
+    if not sources:
+        yield
+        return
+    saved = {}
+    try:
+        for filename, numbered in sources.items():
+            if not isinstance(filename, str) or not isinstance(numbered, dict) or not numbered:
+                continue
+            saved[filename] = linecache.cache.get(filename)
+            lines = list(linecache.getlines(filename))
+            last = max(numbered)
+            if len(lines) < last:
+                lines.extend(["\n"] * (last - len(lines)))
+            for n, line in numbered.items():
+                lines[n - 1] = line
+            # (No modification time: linecache.checkcache leaves such an entry alone.)
+            linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+        yield
+    finally:
+        for filename, entry in saved.items():
+            if entry is None:
+                linecache.cache.pop(filename, None)
+            else:
+                linecache.cache[filename] = entry
+
+
+_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+
+
+def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """`tb` without its first frames, those of clusterexec's task runner: the user's code comes first."""
+    while tb is not None and tb.tb_frame.f_code.co_filename == _RUNNER:
+        tb = tb.tb_next
+    return tb
+
+
+task_sources: Sources | None = None  # in a task process: those of the function that runs now
 
 
 class RemoteTraceback(Exception):
@@ -251,7 +422,8 @@ class RemoteTraceback(Exception):
 
 
 def exception_info(exc: BaseException) -> dict[str, str]:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    with _shown(task_sources):
+        tb = "".join(traceback.format_exception(type(exc), exc, _user_frames(exc.__traceback__)))
     try:
         message = str(exc)
     except Exception:

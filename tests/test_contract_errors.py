@@ -11,12 +11,15 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import subprocess
 import sys
+import textwrap
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 import test_contract
+from conftest import reap
 from test_contract import DEADLINE
 
 from clusterexec import RemoteError, SerializationError, WorkerLostError
@@ -225,3 +228,69 @@ def test_a_task_whose_process_dies_names_that_process_and_how_it_ended(make_exec
     copy = pickle.loads(pickle.dumps(err))  # it travels with its attributes (raised in a task, say)
     assert (copy.pid, copy.exitcode, copy.signal, copy.attempts) == (err.pid, err.exitcode, err.signal,
                                                                       err.attempts)
+
+
+# ============================================================================================ remote tracebacks
+
+_TRACEBACK_SCRIPT = textwrap.dedent("""\
+    import linecache, os, sys, traceback
+    from concurrent.futures import ProcessPoolExecutor
+
+
+    def helper(x):
+        return 10 // x  # the failing line
+
+
+    def compute(x):
+        return helper(x) + 1
+
+
+    if __name__ == "__main__":
+        kind = sys.argv[1]
+        linecache.getlines(__file__)  # this program has its source at hand, as any running program does...
+        if kind != "process":
+            os.unlink(__file__)  # ...but the machine where its tasks run has no such file
+            from clusterexec import ClusterExecutor
+        if kind == "process":
+            ex = ProcessPoolExecutor(1)
+        elif kind == "local":
+            ex = ClusterExecutor(max_workers=1)
+        else:
+            ex = ClusterExecutor(sys.argv[2], authkey=sys.argv[3])
+        with ex:
+            calls = [lambda: ex.submit(compute, 0).result(), lambda: list(ex.map(compute, [1, 0], chunksize=2))]
+            if kind != "process":  # (ProcessPoolExecutor cannot send a lambda)
+                calls.append(lambda: ex.submit(lambda x: 1 / x, 0).result())
+            for call in calls:
+                try:
+                    call()
+                except ZeroDivisionError as e:
+                    print("".join(traceback.format_exception(e.__cause__)))
+                    print("=" * 20)
+""")
+
+
+def test_remote_traceback_of_a_function_from_main_shows_its_file_and_lines(make_executor, request, tmp_path):
+    script = tmp_path / "main_script.py"
+    script.write_text(_TRACEBACK_SCRIPT)
+    args = [sys.executable, str(script), make_executor.kind]
+    if make_executor.kind == "cluster":
+        cluster = request.getfixturevalue("cluster")
+        args += [cluster.address, cluster.key]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=3 * DEADLINE)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err
+    remote = [part for part in out.split("=" * 20) if part.strip()]
+    assert len(remote) == (2 if make_executor.kind == "process" else 3), out
+    for text in remote[:2]:  # compute → helper, by submit and by a chunk of map
+        assert f'File "{script}", line 10, in compute\n    return helper(x) + 1' in text, text
+        assert f'File "{script}", line 6, in helper\n    return 10 // x  # the failing line' in text, text
+    if make_executor.kind != "process":
+        assert f'File "{script}", line 28, in <lambda>\n' in remote[2], remote[2]
+        assert "calls.append(lambda: ex.submit(lambda x: 1 / x, 0).result())" in remote[2], remote[2]
+        for text in remote:
+            assert "<dynamic-code>" not in text, text
+            assert "/clusterexec/" not in text, text  # no frame of clusterexec's task runner
