@@ -69,6 +69,13 @@ class ClusterExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._by_value = S.send_by_value(modules)
+        self._init_blob = None
+        if initializer is not None:
+            try:  # first: initargs that cannot travel stop us before anything has started
+                self._init_blob = S.function_blob((initializer, tuple(initargs)), "pickling the initializer")
+            except BaseException:
+                S.stop_by_value(self._by_value)
+                raise
         self._local: LocalCluster | None = None
         if slurm and address is None:
             from .slurm import master_address
@@ -105,9 +112,7 @@ class ClusterExecutor(Executor):
         self._conn.shm_prefix = self._shm_prefix  # results in shared memory are accepted from this cluster only
         self._max_workers = max_workers or max(1, self._conn.procs)
         self._opts: dict[str, Any] = {}
-        self._init_blob = None
-        if initializer is not None:
-            self._init_blob = S.function_blob((initializer, tuple(initargs)), "pickling the initializer")
+        if self._init_blob is not None:
             self._opts["init"] = 1
         if max_tasks_per_child is not None:
             self._opts["mtpc"] = max_tasks_per_child

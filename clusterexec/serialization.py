@@ -20,6 +20,7 @@ import copyreg
 import importlib
 import io
 import linecache
+import multiprocessing
 import os
 import pickle
 import socket
@@ -75,6 +76,7 @@ def dumps(obj: Any, phase: str) -> list[Any]:
 def failed(e: BaseException, phase: str, hint: str = "") -> SerializationError:
     """The SerializationError for `e`, raised by pickle or by user code while `phase`: also an instance of
     `e`'s class, so that code written for ProcessPoolExecutor (``except pickle.PicklingError:``) catches it."""
+    hint = hint or _inherited_only_hint(e)
     return serialization_error(f"error {phase}: {type(e).__name__}: {e}{'. ' + hint if hint else ''}",
                                phase=phase, original=e)
 
@@ -161,6 +163,19 @@ def loads(buffers: list[Any], phase: str) -> Any:
         raise failed(e, phase, missing_module_hint(e)) from e
 
 
+def _inherited_only_hint(exc: BaseException) -> str:
+    """For multiprocessing's Queue, Lock, Event, Value...: why they cannot travel, and what can."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "should only be shared between processes through inheritance" not in text:
+        return ""
+    what = text.split(" objects should", 1)[0] or "such"
+    return (f"A multiprocessing {what} object lives in a pipe or a semaphore that only the processes started "
+            "after it (its children) share, and clusterexec's task processes are not this program's children. "
+            "Use a Manager's instead, which any process that can reach the manager may use: "
+            "manager = multiprocessing.Manager(), then manager.Queue(), manager.Lock(), manager.Event(), "
+            "manager.Value()... (for the logging cookbook's QueueHandler, give manager.Queue() in initargs)")
+
+
 def missing_module_hint(exc: BaseException) -> str:
     """For a module missing where a task runs: which one, and how to send it along."""
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
@@ -231,36 +246,40 @@ def _pickled_by_reference(fn: Any) -> bool:
 
 
 def function_blob(fn: Any, phase: str = "pickling the function") -> Blob:
-    """Pickle a callable by value where needed (lambdas, closures); identical content gives the same hash."""
+    """Pickle a callable by value where needed (lambdas, closures); identical content gives the same hash.
+
+    The blob also carries this process's multiprocessing authkey (see `blob_extras`)."""
     key = None
+    authkey = multiprocessing.current_process().authkey  # (the same object until someone sets another)
     if type(fn) in _FUNCTION_TYPES and isinstance(getattr(fn, "__module__", None), str):
         key = (fn.__module__, getattr(fn, "__qualname__", None))
         hit = _by_reference.get(key)
-        if hit is not None and hit[0] is fn and _pickled_by_reference(fn):
+        if hit is not None and hit[0] is fn and hit[2] is authkey and _pickled_by_reference(fn):
             return hit[1]
         if not _pickled_by_reference(fn):
             key = None
     try:
-        if key is not None:
-            data = cloudpickle.dumps(fn, protocol=PROTOCOL)  # by reference: no code, no source
-        else:
-            data = _dumps_with_source(fn)
+        data = _dumps_with_extras(fn, bytes(authkey))
     except (Exception, SystemExit) as e:
         raise failed(e, phase) from e
     blob = Blob(blob_hash(data), data)
     if key is not None and _pickled_by_reference(fn):  # (by reference before and after: so were these bytes)
         if len(_by_reference) >= _BY_REFERENCE_MAX:
             _by_reference.clear()
-        _by_reference[key] = (fn, blob)
+        _by_reference[key] = (fn, blob, authkey)
     return blob
 
 
-# ------------------------------------------------------------------------------- source lines of functions
-# A function blob is [the function's pickle][pickle of {file name: {line number: line}}][length, 4 bytes][magic].
-# pickle.loads stops at the end of the first pickle, so a reader that knows nothing of the rest still works.
+# ------------------------------------------------------------------------------- what travels with a function
+# A function blob is [the function's pickle][pickle of its extras][their length, 4 bytes][magic]. pickle.loads
+# stops at the end of the first pickle, so a reader that knows nothing of the rest still works. The extras:
+#   "sources"  {file name: {line number: line}}: the lines of the code pickled by value, for tracebacks;
+#   "authkey"  the client's multiprocessing authkey: a task process uses it as its own before it unpickles the
+#              client's function or arguments, as ProcessPoolExecutor's children inherit their parent's, so
+#              that multiprocessing.Manager() proxies connect back to their manager.
 
-_SOURCE_MAGIC = b"CXsrc1\n"
-_SOURCE_TAIL = struct.Struct("<I")
+_EXTRAS_MAGIC = b"CXext1\n"
+_EXTRAS_TAIL = struct.Struct("<I")
 _DYNAMIC_CODE = "<dynamic-code>"  # the file name cloudpickle gives every code object it pickles
 _code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 # Source lines noted per code object, by id (a lambda submitted in a loop is pickled again at each submit):
@@ -335,36 +354,39 @@ def _source_of(code: types.CodeType) -> dict[int, str]:
     return {n: lines[n - 1] for n in range(max(first, 1), last + 1)}
 
 
-def _dumps_with_source(fn: Any) -> bytes:
-    if _FILENAME_AT is None:  # (a cloudpickle that makes code objects otherwise: its file names, then)
-        return cloudpickle.dumps(fn, protocol=PROTOCOL)
+def _dumps_with_extras(fn: Any, authkey: bytes) -> bytes:
     file = io.BytesIO()
-    outer = getattr(_collected, "sources", None)  # (a __reduce__ that pickles a function itself)
-    _collected.sources = sources = {}
-    try:
-        _SourcePickler(file).dump(fn)
-    finally:
-        _collected.sources = outer
-    if sources:
-        start = file.tell()
-        pickle.dump(sources, file, protocol=PROTOCOL)
-        file.write(_SOURCE_TAIL.pack(file.tell() - start))
-        file.write(_SOURCE_MAGIC)
+    extras: dict[str, Any] = {"authkey": authkey}
+    if _FILENAME_AT is None:  # (a cloudpickle that makes code objects otherwise: its file names, then)
+        cloudpickle.Pickler(file, protocol=PROTOCOL).dump(fn)
+    else:
+        outer = getattr(_collected, "sources", None)  # (a __reduce__ that pickles a function itself)
+        _collected.sources = sources = {}
+        try:
+            _SourcePickler(file).dump(fn)
+        finally:
+            _collected.sources = outer
+        if sources:
+            extras["sources"] = sources
+    start = file.tell()
+    pickle.dump(extras, file, protocol=PROTOCOL)
+    file.write(_EXTRAS_TAIL.pack(file.tell() - start))
+    file.write(_EXTRAS_MAGIC)
     return file.getvalue()
 
 
-def sources_in(data: Any) -> Sources | None:
-    """The source lines a function blob carries, if any."""
+def blob_extras(data: Any) -> dict[str, Any]:
+    """What a function blob carries after the function's pickle: {"sources": ..., "authkey": ...}, or {}."""
     view = memoryview(data)
-    tail = len(_SOURCE_MAGIC) + _SOURCE_TAIL.size
-    if len(view) < tail or view[-len(_SOURCE_MAGIC):] != _SOURCE_MAGIC:
-        return None
-    (size,) = _SOURCE_TAIL.unpack(view[-tail:-len(_SOURCE_MAGIC)])
+    tail = len(_EXTRAS_MAGIC) + _EXTRAS_TAIL.size
+    if len(view) < tail or view[-len(_EXTRAS_MAGIC):] != _EXTRAS_MAGIC:
+        return {}
+    (size,) = _EXTRAS_TAIL.unpack(view[-tail:-len(_EXTRAS_MAGIC)])
     try:
-        sources = pickle.loads(view[-tail - size:-tail])
-    except Exception:  # noqa: BLE001 - only for tracebacks: never worth failing a task
-        return None
-    return sources if isinstance(sources, dict) else None
+        extras = pickle.loads(view[-tail - size:-tail])
+    except Exception:  # noqa: BLE001 - the function itself will say what is wrong with the blob
+        return {}
+    return extras if isinstance(extras, dict) else {}
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import mmap
+import multiprocessing
 import os
 import platform
 import select
@@ -970,6 +971,8 @@ class _TaskRunner:
         self.shm_prefix = os.environ.get(shm.ENV_PREFIX)  # local mode: large results via shared memory
         self.functions: dict[str, Any] = {}
         self.sources: dict[str, S.Sources] = {}  # blob hash → the source lines it carries (see serialization)
+        self.authkeys: dict[str, bytes] = {}  # blob hash → its client's multiprocessing authkey
+        self.authkey: bytes | None = None  # the one this process uses now
         self.cache = P.BlobLRU(on_evict=self._evicted)
         self.initialized: dict[str, BaseException | None] = {}
         self.tasks_run = 0
@@ -982,17 +985,30 @@ class _TaskRunner:
     def _evicted(self, h: str) -> None:
         self.functions.pop(h, None)
         self.sources.pop(h, None)
+        self.authkeys.pop(h, None)
         self.initialized.pop(h, None)
 
     def _load(self, blob: P.Blob, phase: str) -> Any:
         fn = self.functions.get(blob.hash)
         if fn is None:
-            sources = S.sources_in(blob.data)
-            if sources:
-                self.sources[blob.hash] = sources
+            extras = S.blob_extras(blob.data)
+            if extras.get("sources"):
+                self.sources[blob.hash] = extras["sources"]
+            if isinstance(extras.get("authkey"), bytes):
+                self.authkeys[blob.hash] = extras["authkey"]
+                self._use_authkey_of(blob)  # (a function may hold a Manager proxy too)
             fn = S.loads([blob.data], phase)
             self.functions[blob.hash] = fn
         return fn
+
+    def _use_authkey_of(self, blob: P.Blob) -> None:
+        """Use the multiprocessing authkey of the client this function came from, as ProcessPoolExecutor's
+        children inherit their parent's: its Manager proxies connect to its managers with it. A node serves
+        several clients, so this is for every task (a look-up, mostly)."""
+        key = self.authkeys.get(blob.hash)
+        if key is not None and key is not self.authkey:
+            multiprocessing.current_process().authkey = key
+            self.authkey = key
 
     def _show_sources_of(self, blob: P.Blob) -> None:
         """A traceback about to be formatted shows the source lines that came with this function."""
@@ -1070,6 +1086,7 @@ class _TaskRunner:
         try:
             phase[0] = _UNPICKLING_FN
             fn = self._load(task.deps[0], "unpickling the function")
+            self._use_authkey_of(task.deps[0])
             if opts.get("init"):
                 phase[0] = _INITIALIZING
                 self._initialize(task.deps[1])

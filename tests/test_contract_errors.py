@@ -8,6 +8,9 @@ the command line). Where ProcessPoolExecutor does something else, the body says 
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import multiprocessing
 import os
 import pickle
 import signal
@@ -15,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 
 import pytest
@@ -294,3 +298,67 @@ def test_remote_traceback_of_a_function_from_main_shows_its_file_and_lines(make_
         for text in remote:
             assert "<dynamic-code>" not in text, text
             assert "/clusterexec/" not in text, text  # no frame of clusterexec's task runner
+
+
+# ============================================================================================ Manager proxies
+
+
+def put_in(shared, key, value):
+    shared[key] = value
+    return shared[key]
+
+
+def log_to(queue):
+    """The logging cookbook's initializer: this process's records go to `queue`, a Manager's Queue."""
+    logging.getLogger().addHandler(logging.handlers.QueueHandler(queue))
+
+
+def log_hello(x):
+    logging.getLogger("clusterexec-test").warning("hello %s from %d", x, os.getpid())
+    return os.getpid()
+
+
+@pytest.fixture
+def tcp_manager():
+    """A multiprocessing Manager listening on TCP, as one that workers on other machines reach."""
+    manager = SyncManager(address=("127.0.0.1", 0))
+    manager.start()
+    try:
+        yield manager
+    finally:
+        manager.shutdown()
+
+
+def test_manager_proxies_work_as_arguments_and_as_initargs(make_executor, tcp_manager):
+    shared = tcp_manager.dict()
+    records = tcp_manager.Queue()
+    ex = make_executor(initializer=log_to, initargs=(records,))
+    assert ex.submit(put_in, shared, "a", 1).result(timeout=DEADLINE) == 1
+    assert list(ex.map(put_in, [shared] * 3, "bcd", [2, 3, 4], chunksize=2)) == [2, 3, 4]
+    assert dict(shared) == {"a": 1, "b": 2, "c": 3, "d": 4}
+    pid = ex.submit(log_hello, 7).result(timeout=DEADLINE)
+    assert records.get(timeout=DEADLINE).getMessage() == f"hello 7 from {pid}"
+
+
+def test_an_argument_that_cannot_travel_says_why_and_what_to_use_instead(make_executor):
+    ex = make_executor()
+    queue = multiprocessing.Queue()
+    try:
+        err = ex.submit(identity, queue).exception(timeout=DEADLINE)
+        assert isinstance(err, RuntimeError), repr(err)  # (ProcessPoolExecutor's too)
+        assert "only be shared between processes through inheritance" in str(err)
+        if make_executor.kind == "process":
+            # Its children may inherit one through initargs, created before them: ours are no children.
+            ex2 = make_executor(initializer=log_to, initargs=(queue,))
+            pid = ex2.submit(log_hello, 1).result(timeout=DEADLINE)
+            assert queue.get(timeout=DEADLINE).getMessage() == f"hello 1 from {pid}"
+            return
+        assert isinstance(err, SerializationError) and err.phase == "pickling the arguments"
+        assert "manager.Queue()" in str(err), str(err)
+        before = test_contract.descendants()
+        with pytest.raises(RuntimeError, match=r"pickling the initializer.*manager\.Queue\(\)"):
+            make_executor(initializer=log_to, initargs=(queue,))
+        assert test_contract.descendants() <= before  # it said so before it started anything
+    finally:
+        queue.close()
+        queue.join_thread()
