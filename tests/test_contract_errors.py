@@ -122,17 +122,6 @@ ON_THE_WORKER = ("unpickling the function", "unpickling the arguments", "picklin
                  "pickling the exception")
 
 
-def outcome(future) -> BaseException:
-    """The exception the Future fails with (SystemExit included), within DEADLINE."""
-    try:
-        value = future.result(timeout=DEADLINE)
-    except BaseException as e:  # noqa: BLE001
-        if not future.done():
-            raise AssertionError(f"no outcome within {DEADLINE} s") from None
-        return e
-    raise AssertionError(f"the task should have failed, but returned {value!r}")
-
-
 @pytest.mark.parametrize("phase", list(FAILING_IN))
 def test_an_error_raised_while_pickling_or_unpickling_reaches_the_caller_as_its_own_class(make_executor, phase):
     ppe = make_executor.kind == "process"
