@@ -11,6 +11,8 @@ that master and agent forward without looking inside. Every failure says which p
 A function sent by value (defined in `__main__` or a notebook, a lambda, a closure) keeps its file name, and
 its blob carries the source lines of its code after the pickle itself (`_SourcePickler`): a traceback from
 a task shows the file, the line and its text, as a local run would, even where the file does not exist.
+Every function blob also carries the client's multiprocessing authkey, which the task process uses while it
+serves that client (see `blob_extras`).
 """
 
 from __future__ import annotations
