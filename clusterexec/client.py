@@ -29,6 +29,7 @@ import os
 import platform
 import select
 import selectors
+import signal
 import socket
 import ssl
 import sys
@@ -1400,7 +1401,7 @@ class ClientConnection:
             else:
                 _set_exception(future, exc)
             return
-        _set_exception(future, error_from_info(status, info or {}))
+        _set_exception(future, error_from_info(status, info or {}, bufs))
 
 
 class TaskOutput:
@@ -1465,24 +1466,12 @@ class TaskOutput:
                     pass  # closed or missing: nowhere to write, and no reason to fail the tasks
 
 
-def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
-    """The clusterexec error for a task that failed outside user code."""
+def error_from_info(status: str, info: dict[str, Any], bufs: list[Any] = ()) -> BaseException:
+    """The clusterexec error for a task that failed outside user code (`bufs`: the SerializationError itself,
+    pickled, when one failed the task on the worker)."""
     where = f"on host {info.get('host', '?')}, pid {info.get('pid', '?')}"
     if status == "lost":
-        if info.get("node_lost"):
-            how = f"the worker node went away ({info.get('reason', 'disconnected')})"
-        elif info.get("signal"):
-            how = f"its task process was killed by {info['signal']}"
-        else:
-            how = f"its task process exited with code {info.get('exitcode')}"
-        if info.get("phase") and not info.get("node_lost"):
-            how += f" while {info['phase']}"
-        attempts = info.get("attempts", 1)
-        return WorkerLostError(
-            f"task failed: {how} {where}, on each of {attempts} attempts"
-            if attempts > 1 else f"task failed: {how} {where}",
-            host=info.get("host"), pid=info.get("pid"), exitcode=info.get("exitcode"),
-            signal=info.get("signal"), attempts=attempts)
+        return _worker_lost(info)
     kind = info.get("kind")
     detail = f"{info.get('type', '?')}: {info.get('message', '')}"
     if kind == "timeout":
@@ -1500,13 +1489,57 @@ def error_from_info(status: str, info: dict[str, Any]) -> BaseException:
         error: BaseException = InitializerError(f"the executor's initializer failed {where}: {detail}")
     elif kind == "serialization":
         phase = info.get("phase", "")
-        error = SerializationError(f"task failed while {phase} {where}: {detail}", phase=phase)
+        if str(info.get("type", "")).startswith("clusterexec.errors.SerializationError"):
+            detail = str(info.get("message", "")).removeprefix(f"error {phase}: ")  # "TypeError: ..."
+        message = f"task failed while {phase} {where}: {detail}"
+        error = SerializationError(message, phase=phase)
+        if bufs:
+            try:
+                sent = S.loads(bufs, "unpickling the error")
+            except SerializationError:
+                pass  # its class cannot be rebuilt here: the description will do
+            else:
+                if isinstance(sent, SerializationError):
+                    sent.args = (message,)
+                    sent.phase = phase
+                    error = sent
     else:
         error = RemoteError(f"task failed {where}: {detail}", type_name=info.get("type", ""),
                             remote_message=info.get("message", ""), traceback=info.get("traceback", ""))
     tb = info.get("traceback")
     if tb and not isinstance(error, RemoteError):
         error.__cause__ = S.RemoteTraceback(tb)
+    return error
+
+
+def _worker_lost(info: dict[str, Any]) -> WorkerLostError:
+    """The task's process or node died on its last attempt: which one (pid, host) and how it ended, in the
+    message, in the attributes, and (as Python 3.15's BrokenProcessPool has it) in the `__cause__`."""
+    host, pid, sig, code = info.get("host", "?"), info.get("pid", "?"), info.get("signal"), info.get("exitcode")
+    if info.get("node_lost"):
+        reason = info.get("reason", "disconnected")
+        how = f"the worker node went away ({reason}) on host {host}, node agent pid {pid}"
+        ended = f"worker node on host {host} (agent pid {pid}) went away: {reason}"
+    else:
+        if sig:
+            how = f"its task process was killed by {sig}"
+            number = getattr(signal.Signals, sig, None)
+            ended = f"exit code -{int(number)} ({sig})" if number is not None else f"signal {sig}"
+        elif code is not None:
+            how = f"its task process exited with code {code}"
+            ended = f"exit code {code}"
+        else:
+            how = "its task process ended"
+            ended = "no exit status known"
+        if info.get("phase"):
+            how += f" while {info['phase']}"
+        how += f" on host {host}, pid {pid}"
+        ended = f"task process {pid} on host {host} terminated abruptly with {ended}"
+    attempts = info.get("attempts", 1)
+    error = WorkerLostError(f"task failed: {how}, on each of {attempts} attempts" if attempts > 1
+                            else f"task failed: {how}",
+                            host=info.get("host"), pid=info.get("pid"), exitcode=code, signal=sig, attempts=attempts)
+    error.__cause__ = S.RemoteTraceback(ended)
     return error
 
 

@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import mmap
+import multiprocessing
 import os
 import platform
 import select
@@ -969,6 +970,9 @@ class _TaskRunner:
         self.send_lock = output.lock if output is not None else threading.Lock()
         self.shm_prefix = os.environ.get(shm.ENV_PREFIX)  # local mode: large results via shared memory
         self.functions: dict[str, Any] = {}
+        self.sources: dict[str, S.Sources] = {}  # blob hash → the source lines it carries (see serialization)
+        self.authkeys: dict[str, bytes] = {}  # blob hash → its client's multiprocessing authkey
+        self.authkey: bytes | None = None  # the one this process uses now
         self.cache = P.BlobLRU(on_evict=self._evicted)
         self.initialized: dict[str, BaseException | None] = {}
         self.tasks_run = 0
@@ -980,14 +984,35 @@ class _TaskRunner:
 
     def _evicted(self, h: str) -> None:
         self.functions.pop(h, None)
+        self.sources.pop(h, None)
+        self.authkeys.pop(h, None)
         self.initialized.pop(h, None)
 
     def _load(self, blob: P.Blob, phase: str) -> Any:
         fn = self.functions.get(blob.hash)
         if fn is None:
+            extras = S.blob_extras(blob.data)
+            if extras.get("sources"):
+                self.sources[blob.hash] = extras["sources"]
+            if isinstance(extras.get("authkey"), bytes):
+                self.authkeys[blob.hash] = extras["authkey"]
+                self._use_authkey_of(blob)  # (a function may hold a Manager proxy too)
             fn = S.loads([blob.data], phase)
             self.functions[blob.hash] = fn
         return fn
+
+    def _use_authkey_of(self, blob: P.Blob) -> None:
+        """Use the multiprocessing authkey of the client this function came from, as ProcessPoolExecutor's
+        children inherit their parent's: its Manager proxies connect to its managers with it. A node serves
+        several clients, so this is for every task (a look-up, mostly)."""
+        key = self.authkeys.get(blob.hash)
+        if key is not None and key is not self.authkey:
+            multiprocessing.current_process().authkey = key
+            self.authkey = key
+
+    def _show_sources_of(self, blob: P.Blob) -> None:
+        """A traceback about to be formatted shows the source lines that came with this function."""
+        S.task_sources = self.sources.get(blob.hash)
 
     def serve(self) -> None:
         reader = P.FrameReader()
@@ -1061,6 +1086,7 @@ class _TaskRunner:
         try:
             phase[0] = _UNPICKLING_FN
             fn = self._load(task.deps[0], "unpickling the function")
+            self._use_authkey_of(task.deps[0])
             if opts.get("init"):
                 phase[0] = _INITIALIZING
                 self._initialize(task.deps[1])
@@ -1077,17 +1103,20 @@ class _TaskRunner:
                         phase="unpickling the arguments") from None
             payload = S.loads(bufs, "unpickling the arguments")
         except S.SerializationError as e:
+            self._show_sources_of(task.deps[0])
             return _error_result(e, kind="serialization", phase=e.phase)
         except _InitializerFailed as e:
+            self._show_sources_of(task.deps[1])
             return _error_result(e.error, kind="initializer", phase="running the initializer")
         phase[0] = _RUNNING
         if opts.get("chunk"):
-            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS)
+            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS, task.deps[0])
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
             _note_missing_module(exc)
+            self._show_sources_of(task.deps[0])
             phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             return "raise", bufs, info
@@ -1095,9 +1124,10 @@ class _TaskRunner:
         try:
             return "ok", S.dumps(value, "pickling the result"), None
         except S.SerializationError as e:
+            self._show_sources_of(task.deps[0])
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _run_chunk(self, fn: Any, chunk: Any, items: bool) -> tuple[str, list[Any], Any]:
+    def _run_chunk(self, fn: Any, chunk: Any, items: bool, blob: P.Blob) -> tuple[str, list[Any], Any]:
         """A map chunk: argument tuples, or (`items`) the items of a single iterable, a range perhaps.
 
         `list.extend` keeps what it appended when the iterator raises: the values before the failing item."""
@@ -1106,6 +1136,7 @@ class _TaskRunner:
             values.extend(map(fn, chunk) if items else itertools.starmap(fn, chunk))
         except BaseException as exc:  # noqa: BLE001
             _note_missing_module(exc)
+            self._show_sources_of(blob)
             self.phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             self.phase[0] = _PICKLING_RESULT
@@ -1119,6 +1150,7 @@ class _TaskRunner:
         try:
             return "ok", S.dumps(values, "pickling the result"), None
         except S.SerializationError as e:
+            self._show_sources_of(blob)
             return _error_result(e, kind="serialization", phase=e.phase)
 
     def _initialize(self, blob: P.Blob) -> None:
@@ -1283,7 +1315,14 @@ class _InitializerFailed(Exception):
 def _error_result(exc: BaseException, *, kind: str, phase: str) -> tuple[str, list[Any], Any]:
     info = S.exception_info(exc)
     info.update(kind=kind, phase=phase, pid=os.getpid(), host=socket.gethostname())
-    return "error", [], info
+    bufs: list[Any] = []
+    if isinstance(exc, S.SerializationError):
+        # The error itself travels, so that it is still a TypeError, a PicklingError... in the caller.
+        try:
+            bufs = S.dumps(exc, "pickling the error")
+        except S.SerializationError:
+            pass  # its description alone, then
+    return "error", bufs, info
 
 
 def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:
