@@ -15,6 +15,7 @@ import atexit
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -366,10 +367,56 @@ class ClusterExecutor(Executor):
                 self._local.stop()
         else:
             self._conn.close(wait_idle=True)
+        self._closed()
+
+    def _closed(self) -> None:
         self._finalizer.detach()
         _open_executors.discard(self)
         names, self._by_value = self._by_value, []
         S.stop_by_value(names)
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        """``shutdown(wait=True)``, as `Executor.__exit__`, with Ctrl-C made plain.
+
+        After a first Ctrl-C (in the body, or while this waits) it says on stderr how many tasks it waits for;
+        a second one stops them. Either way the program then ends with one KeyboardInterrupt, the first."""
+        interrupt = exc_val if isinstance(exc_val, KeyboardInterrupt) else None
+        told = False
+        while True:
+            try:
+                if interrupt is not None and not told:
+                    told = True
+                    self._say_waiting()
+                self.shutdown(wait=True)
+                break
+            except KeyboardInterrupt as e:
+                if interrupt is None:
+                    interrupt = e
+                    continue
+                self._stop_now()
+                break
+        if interrupt is None or interrupt is exc_val:
+            return False  # (the body's own exception, if any, goes on)
+        raise interrupt
+
+    def _say_waiting(self) -> None:
+        pending = self._conn.pending_futures()
+        if not pending:
+            return
+        running = sum(1 for f in pending if f.running())
+        print(f"clusterexec: waiting for {_tasks(len(pending))} to finish ({running} running, "
+              f"{len(pending) - running} queued); press Ctrl-C again to stop them", file=sys.stderr, flush=True)
+
+    def _stop_now(self) -> None:
+        """The second Ctrl-C: leave at once. Closing the connection stops every task of this executor: the
+        master drops the tasks of a client that left, and a node kills those of them that run (local mode
+        stops its whole cluster). Pending Futures fail with ClusterUnavailable."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._conn.close()
+        if self._local is not None:
+            self._local.stop()
+        self._closed()
 
     # ------------------------------------------------------------------------------------------ misc
 
@@ -439,9 +486,11 @@ def _shutdown_at_exit() -> None:
 
 
 def _default_name() -> str:
-    import sys
-
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task" if n == 1 else f"{n} tasks"
 
 
 def _failed(error: BaseException) -> Future:
