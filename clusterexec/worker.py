@@ -666,13 +666,18 @@ class Agent:
 
     def _look_again(self) -> None:
         """While we hold tasks ahead of time: have they turned slow? (Then _ask_prefetch gives back the
-        surplus, for other nodes to run.) Nothing else may happen here for as long as the tasks run."""
+        surplus, for other nodes to run.) Nothing else may happen here for as long as the tasks run. Once we
+        hold none, there is nothing to look at: an idle node sleeps until the next tasks (_dispatch looks
+        again from then on)."""
         self._recheck = None
         conn = self.conn
         if conn is not None and not conn.closed and not self.leaving:
             self._ask_prefetch(conn)
-        if self._prefetch_asked and not self.closing:
+        if self._prefetch_asked and not self.closing and self._holds_tasks():
             self._recheck = self._loop.call_later(4 * PIPELINE_WORK, self._look_again)
+
+    def _holds_tasks(self) -> bool:
+        return bool(self.queue) or any(p.tasks for p in self.procs.values())
 
     def _give(self, proc: _Proc, task: P.Task, batches: dict[_Proc, list[P.Task]]) -> None:
         if not proc.tasks:
