@@ -191,7 +191,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------------------------------ output
 
     def send(self, header: dict[str, Any], buffers: list[Any] | tuple = ()) -> None:
-        if self.closed or self.transport is None:
+        # (is_closing: asyncio closes a transport itself when the peer hangs up, and calls connection_lost only
+        # once what it still holds has left, maybe never; from Python 3.12 a write in between raises TypeError.)
+        if self.closed or self.transport is None or self.transport.is_closing():
             return
         pieces = P.encode(header, buffers)
         # (len > 2: a frame with buffers; a header alone is small, and its size is not worth counting here)

@@ -283,6 +283,14 @@ class Agent:
         if self.leaving or self.closing:
             return
         self.leaving = True
+        try:
+            await self._finish_up(grace)
+        except Exception:  # (whatever went wrong on the way, a node told to stop stops)
+            log.exception("error while leaving the cluster; stopping now")
+        finally:
+            await self.stop()
+
+    async def _finish_up(self, grace: float) -> None:
         # Tasks already in a task process count as running: a few milliseconds' worth of quick ones at most.
         running = sum(len(p.tasks) for p in self.procs.values())
         began = time.monotonic()
@@ -306,7 +314,6 @@ class Agent:
             for proc in self.procs.values():
                 proc.skip.update(t.id for t in proc.tasks)  # not a loss: the master hears "handed back" instead
             self._hand_back(unfinished)
-        await self.stop()
 
     def hurry(self) -> None:
         """Stop waiting for running tasks: hand them back now."""
