@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -76,3 +77,54 @@ def test_status_errors_are_clear(cluster, tmp_path):
     nobody = subprocess.run([sys.executable, "-m", "clusterexec.status", "127.0.0.1:1", "--authkey-file",
                              str(cluster.key_file)], capture_output=True, text=True, timeout=30, env=_env())
     assert nobody.returncode == 1 and "cannot connect" in nobody.stderr and "Traceback" not in nobody.stderr
+
+
+def wait_for_file(path):
+    while not os.path.exists(path):
+        time.sleep(0.02)
+    return path
+
+
+def raise_value_error():
+    raise ValueError("a task that raised")
+
+
+def die():
+    os._exit(3)
+
+
+def test_the_status_line_and_the_client_row_count_the_same_queued_tasks(cluster, tmp_path):
+    release = tmp_path / "release"
+    with cluster.executor(name="waiting") as ex:
+        try:
+            futures = [ex.submit(wait_for_file, str(release)) for _ in range(9)]
+            wait_until(lambda: sum(f.running() for f in futures) == 2, what="two tasks to run")
+            # The node (2 processes) also holds 2 tasks ahead of time; the other 5 wait at the master.
+            cluster.wait_for(lambda info: info["workers"][0]["assigned"] == 4, what="the node to hold 4 tasks")
+            assert futures[-1].cancel()  # (a task cancelled at the master waits no more)
+            data = json.loads(status(cluster, "--json").stdout)
+            text = status(cluster).stdout
+        finally:
+            release.touch()
+    [client] = data["clients"]
+    assert data["queued"] == client["queued"] == 6, data
+    assert data["running"] == client["running"] == 2, data
+    assert client["pending"] == 8
+    assert "6 queued" in text, text
+    row = next(line for line in text.splitlines() if "waiting" in line).split()
+    assert row[4:8] == ["6", "2", "8", "0"], text  # QUEUED RUNNING PENDING DONE
+
+
+def test_status_counts_tasks_that_raised_apart_from_tasks_whose_process_died(cluster):
+    with cluster.executor() as ex:
+        assert isinstance(ex.submit(raise_value_error).exception(timeout=30), ValueError)
+        ex.options(retries=0).submit(die).exception(timeout=30)
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        data = json.loads(status(cluster, "--json").stdout)
+        text = status(cluster).stdout
+    [worker] = data["workers"]
+    assert (worker["done"], worker["raised"], worker["lost"]) == (2, 1, 1), worker
+    header = next(line for line in text.splitlines() if line.startswith("NODE")).split()
+    row = next(line for line in text.splitlines() if f" {worker['pid']} " in line).split()
+    assert header[5:8] == ["DONE", "RAISED", "LOST"], text
+    assert row[5:8] == ["2", "1", "1"], text
