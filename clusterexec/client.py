@@ -281,6 +281,7 @@ class ClientConnection:
         self.broken: BaseException | None = None
         self.shm_prefix: str | None = None  # local mode: the segments results may come in (see shm.py)
         self.master_shutdown: str | None = None  # the reason the master gave when it said it was stopping
+        self._warned: dict[Any, Any] = {}  # the warnings registry of the master's notices
         # Local mode: the channel to the agent that lends us task processes, and the one we hold (see _Lease).
         self._lender = lender
         if lender is not None:
@@ -1293,9 +1294,11 @@ class ClientConnection:
             elif t == "ping":
                 pass  # the master is alive; any message says so
             elif t == "notice":
-                # From this thread a stack location would only point here: name the master instead.
+                # From this thread a stack location would only point here: name the master instead. The master
+                # says it again each time this client or an odd node (re)connects: shown once per executor, as
+                # the warnings module does for a warning raised in one place (unless filters say "always").
                 warnings.warn_explicit(str(h.get("text")), ClusterWarning, f"clusterexec master {self.address[0]}",
-                                       self.address[1], module="clusterexec")
+                                       self.address[1], module="clusterexec", registry=self._warned)
             elif t == "shutdown":
                 self.master_shutdown = str(h.get("reason") or "no reason given")
                 log.warning("the clusterexec master at %s:%s is shutting down (%s)%s", *self.address,
