@@ -114,6 +114,8 @@ class ClusterExecutor(Executor):
             self._opts["mtpc"] = max_tasks_per_child
         if not output:
             self._opts["out"] = 0
+        if self._by_value:  # (for the hint of a task that imports one of them: see S.missing_module_hint)
+            self._opts["byval"] = list(self._by_value)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         if self._local is not None:

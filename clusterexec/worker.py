@@ -994,10 +994,10 @@ class _TaskRunner:
         self.functions.pop(h, None)
         self.initialized.pop(h, None)
 
-    def _load(self, blob: P.Blob, phase: str) -> Any:
+    def _load(self, blob: P.Blob, phase: str, sent: Any = ()) -> Any:
         fn = self.functions.get(blob.hash)
         if fn is None:
-            fn = S.loads([blob.data], phase)
+            fn = S.loads([blob.data], phase, sent)
             self.functions[blob.hash] = fn
         return fn
 
@@ -1070,12 +1070,13 @@ class _TaskRunner:
     def run(self, task: P.Task) -> tuple[str, list[Any], Any]:
         opts = task.opts or {}
         phase = self.phase
+        sent = opts.get("byval", ())  # (modules the executor sends by value: see S.missing_module_hint)
         try:
             phase[0] = _UNPICKLING_FN
-            fn = self._load(task.deps[0], "unpickling the function")
+            fn = self._load(task.deps[0], "unpickling the function", sent)
             if opts.get("init"):
                 phase[0] = _INITIALIZING
-                self._initialize(task.deps[1])
+                self._initialize(task.deps[1], sent)
             phase[0] = _UNPICKLING_ARGS
             bufs = task.bufs
             if opts.get("shm"):
@@ -1087,19 +1088,19 @@ class _TaskRunner:
                     raise S.SerializationError(
                         f"error unpickling the arguments: their shared memory cannot be read: {e}",
                         phase="unpickling the arguments") from None
-            payload = S.loads(bufs, "unpickling the arguments")
+            payload = S.loads(bufs, "unpickling the arguments", sent)
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
         except _InitializerFailed as e:
             return _error_result(e.error, kind="initializer", phase="running the initializer")
         phase[0] = _RUNNING
         if opts.get("chunk"):
-            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS)
+            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS, sent)
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
-            _note_missing_module(exc)
+            _note_missing_module(exc, sent)
             phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             return "raise", bufs, info
@@ -1109,7 +1110,7 @@ class _TaskRunner:
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _run_chunk(self, fn: Any, chunk: Any, items: bool) -> tuple[str, list[Any], Any]:
+    def _run_chunk(self, fn: Any, chunk: Any, items: bool, sent: Any = ()) -> tuple[str, list[Any], Any]:
         """A map chunk: argument tuples, or (`items`) the items of a single iterable, a range perhaps.
 
         `list.extend` keeps what it appended when the iterator raises: the values before the failing item."""
@@ -1117,7 +1118,7 @@ class _TaskRunner:
         try:
             values.extend(map(fn, chunk) if items else itertools.starmap(fn, chunk))
         except BaseException as exc:  # noqa: BLE001
-            _note_missing_module(exc)
+            _note_missing_module(exc, sent)
             self.phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
             self.phase[0] = _PICKLING_RESULT
@@ -1133,14 +1134,14 @@ class _TaskRunner:
         except S.SerializationError as e:
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _initialize(self, blob: P.Blob) -> None:
+    def _initialize(self, blob: P.Blob, sent: Any = ()) -> None:
         if blob.hash in self.initialized:
             error = self.initialized[blob.hash]
             if error is not None:
                 raise _InitializerFailed(error)
             return
         try:
-            initializer, initargs = self._load(blob, "unpickling the initializer")
+            initializer, initargs = self._load(blob, "unpickling the initializer", sent)
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
             self.initialized[blob.hash] = exc
@@ -1280,8 +1281,8 @@ def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
         P.sent_off(views, sock.sendmsg(views[:512]))
 
 
-def _note_missing_module(exc: BaseException) -> None:
-    hint = S.missing_module_hint(exc)
+def _note_missing_module(exc: BaseException, sent: Any = ()) -> None:
+    hint = S.missing_module_hint(exc, sent)
     if hint:
         exc.add_note(hint)
 
