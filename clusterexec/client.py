@@ -45,7 +45,7 @@ import cloudpickle
 from . import __version__, shm
 from . import protocol as P
 from . import serialization as S
-from .auth import tls_failure
+from .auth import PROGRAM_KEY_ADVICE, tls_failure
 from .errors import (
     ClusterError,
     ClusterUnavailable,
@@ -251,8 +251,9 @@ class ClientConnection:
 
     def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0,
                  reconnect_window: float = 0.0, ssl_context: Any = None, compat_wait: float = 60.0,
-                 lender: socket.socket | None = None):
+                 lender: socket.socket | None = None, key_advice: str = PROGRAM_KEY_ADVICE):
         self.address = address
+        self.key_advice = key_advice  # what to do when the master rejects our key
         self.ssl_context = ssl_context
         self.compat_wait = compat_wait
         self.key = key
@@ -313,7 +314,7 @@ class ClientConnection:
             my_challenge = P.new_challenge()
             key = self.key
             sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
-            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
+            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE), self.key_advice)
             sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": self.name,
                                          "host": socket.gethostname(), "pid": os.getpid(),
                                          "python": platform.python_version(),

@@ -28,7 +28,7 @@ from . import protocol as P
 from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
-from .auth import resolve_key
+from .auth import PROGRAM_KEY_ADVICE, resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
 from .errors import ClusterError, SerializationError
 from .local import LocalCluster, default_nprocs
@@ -81,19 +81,22 @@ class ClusterExecutor(Executor):
                 raise TLSConfigError("tls_cert, tls_key and tls_ca are for a cluster address: local mode talks to its "
                                      "private master over 127.0.0.1 only and does not use TLS")
             ssl_context = tls_context(server=False, cert=tls_cert, key=tls_key, ca=tls_ca)
+        key_advice = PROGRAM_KEY_ADVICE
         if address is None:
             self._local = LocalCluster(max_workers or default_nprocs())
             host_port, key = self._local.address, self._local.key
         else:
             host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
-            key, _ = resolve_key(authkey)
+            key, where = resolve_key(authkey)
+            source = "authkey=" if authkey is not None else where
+            key_advice = f"this program's key came from {source}; {PROGRAM_KEY_ADVICE}"
         lender = None
         if self._local is not None:  # the connection owns it from here
             lender, self._local.lender = self._local.lender, None
         try:
             self._conn = ClientConnection(host_port, key, name=name or _default_name(),
                                           connect_timeout=connect_timeout, ssl_context=ssl_context,
-                                          compat_wait=compatible_wait, lender=lender,
+                                          compat_wait=compatible_wait, lender=lender, key_advice=key_advice,
                                           reconnect_window=0.0 if self._local is not None else reconnect_window)
         except BaseException:
             if lender is not None:

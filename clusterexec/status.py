@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from .address import DEFAULT_PORT, parse_address
-from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
+from .auth import COMMAND_KEY_ADVICE, MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
 from .errors import ClusterError
 
 
@@ -31,7 +31,7 @@ def fetch(address: str | tuple[str, int], key: bytes, *, timeout: float = 10.0, 
 
     host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
     conn = ClientConnection(host_port, key, name="clusterexec.status", connect_timeout=timeout,
-                            ssl_context=ssl_context)
+                            ssl_context=ssl_context, key_advice=COMMAND_KEY_ADVICE)
     try:
         info = conn.status(timeout)
     finally:

@@ -46,7 +46,14 @@ from . import protocol as P
 from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
-from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
+from .auth import (
+    COMMAND_KEY_ADVICE,
+    MissingKeyError,
+    add_tls_arguments,
+    resolve_key,
+    tls_failure,
+    tls_from_arguments,
+)
 from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, loop_is_idle
 from .local import default_nprocs
 
@@ -205,7 +212,8 @@ class Agent:
                 self._welcome = loop.create_future()
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
-                                             on_messages=self._on_master_messages, on_lost=self._on_master_lost),
+                                             on_messages=self._on_master_messages, on_lost=self._on_master_lost,
+                                             key_advice=COMMAND_KEY_ADVICE),
                     sock=sock, ssl=self.ssl_context, server_hostname=host if self.ssl_context else None,
                     ssl_handshake_timeout=max(0.1, deadline - time.monotonic()) if self.ssl_context else None)
                 self.conn = conn
