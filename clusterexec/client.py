@@ -303,8 +303,11 @@ class ClientConnection:
         try:
             sock = socket.create_connection(self.address, timeout=timeout)
         except OSError as e:
+            # Tried once, as README says: a program pointed at a wrong address learns it at once.
+            refused = " (nothing listens there; a program does not wait for a master to start)" \
+                if isinstance(e, ConnectionRefusedError) else ""
             raise ClusterUnavailable(
-                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}. "
+                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}{refused}. "
                 "Is `python -m clusterexec.master` running there, and is the port right?") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -235,11 +235,12 @@ def test_connecting_where_nothing_listens_fails_quickly_with_cluster_unavailable
     port = _free_port()
     t0 = time.monotonic()
     with pytest.raises(ClusterUnavailable) as info:
-        ClusterExecutor(f"127.0.0.1:{port}", authkey="any-key")
+        ClusterExecutor(f"127.0.0.1:{port}", authkey="any-key", connect_timeout=30)  # (not waited for)
     assert time.monotonic() - t0 < 3
     message = str(info.value)
     assert f"127.0.0.1:{port}" in message
     assert "cannot connect" in message and "clusterexec.master" in message
+    assert "nothing listens there; a program does not wait for a master to start" in message, message
 
 
 def test_server_that_never_answers_gives_cluster_unavailable_after_connect_timeout():
