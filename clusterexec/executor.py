@@ -426,8 +426,9 @@ class ClusterExecutor(Executor):
     # ------------------------------------------------------------------------------------------ misc
 
     def cluster_info(self) -> dict[str, Any]:
-        """What the master knows: ``workers`` (host, pid, nprocs, busy, done, failed, python), ``clients``,
-        ``queued`` and ``procs``. The counterpart of minimalcluster's ``list_workers()``."""
+        """What the master knows: ``workers`` (host, pid, nprocs, busy, done, raised, lost, python), ``clients``
+        (queued, running, pending, done), ``queued`` and ``procs``. The counterpart of minimalcluster's
+        ``list_workers()``."""
         return self._conn.status()
 
     def __repr__(self) -> str:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -128,3 +130,47 @@ def test_status_counts_tasks_that_raised_apart_from_tasks_whose_process_died(clu
     row = next(line for line in text.splitlines() if f" {worker['pid']} " in line).split()
     assert header[5:8] == ["DONE", "RAISED", "LOST"], text
     assert row[5:8] == ["2", "1", "1"], text
+
+
+# Run inside a private network namespace (its own loopback, so no other program's port 7070 is in the way):
+# a master on 127.0.0.1:7070, and the status command with no address.
+_AT_THE_DEFAULT_ADDRESS = """
+import ctypes, json, os, signal, subprocess, sys
+subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+key_file = sys.argv[1]
+
+def die_with_me():
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+master = subprocess.Popen([sys.executable, "-m", "clusterexec.master", "--host", "127.0.0.1", "--port", "7070",
+                           "--authkey-file", key_file], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          preexec_fn=die_with_me)
+try:
+    assert "listening on 127.0.0.1:7070" in master.stdout.readline().decode()
+    shown = subprocess.run([sys.executable, "-m", "clusterexec.status", "--json", "--authkey-file", key_file],
+                           capture_output=True, text=True, timeout=30)
+    print(json.dumps({"code": shown.returncode, "out": shown.stdout, "err": shown.stderr}))
+finally:
+    master.terminate()
+    master.wait(10)
+"""
+
+
+def test_status_with_no_address_asks_localhost_7070_as_the_readme_says(tmp_path):
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "With no address, `python -m clusterexec.status` asks `localhost:7070`" in readme
+    if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("needs root, unshare and iproute2 for a private network namespace")
+    key_file = tmp_path / "key"
+    key_file.write_text("status-default-key")
+    key_file.chmod(0o600)
+    driver = tmp_path / "driver.py"
+    driver.write_text(_AT_THE_DEFAULT_ADDRESS)
+    run = subprocess.run(["unshare", "--net", sys.executable, str(driver), str(key_file)], capture_output=True,
+                         text=True, timeout=60, env=_env())
+    if run.returncode != 0 and "unshare failed" in run.stderr:
+        pytest.skip(f"cannot make a network namespace here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    shown = json.loads(run.stdout)
+    assert shown["code"] == 0, shown["err"]
+    assert json.loads(shown["out"])["address"] == "localhost:7070"
