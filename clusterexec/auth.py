@@ -75,6 +75,13 @@ def create_key_file(path: Path) -> bytes:
     return key
 
 
+# What to do when the master rejects our key, for each kind of peer (see protocol.client_check).
+PROGRAM_KEY_ADVICE = (f"give this program the master's key: ClusterExecutor(..., authkey=...), ${ENV_KEY}, or the "
+                      f"master's key file at ${ENV_KEY_FILE} or ~/.clusterexec/authkey")
+COMMAND_KEY_ADVICE = (f"give the master's key with --authkey-file FILE (or --authkey, ${ENV_KEY}, or the master's "
+                      f"key file copied to ~/.clusterexec/authkey)")
+
+
 def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike | None = None,
                 *, create: bool = False) -> tuple[bytes, str]:
     """The key to use and a description of where it came from (for messages, never the key itself)."""

@@ -46,7 +46,7 @@ import cloudpickle
 from . import __version__, shm
 from . import protocol as P
 from . import serialization as S
-from .auth import tls_failure
+from .auth import PROGRAM_KEY_ADVICE, tls_failure
 from .errors import (
     ClusterError,
     ClusterUnavailable,
@@ -254,8 +254,9 @@ class ClientConnection:
 
     def __init__(self, address: tuple[str, int], key: bytes, *, name: str = "", connect_timeout: float = 30.0,
                  reconnect_window: float = 0.0, ssl_context: Any = None, compat_wait: float = 60.0,
-                 lender: socket.socket | None = None):
+                 lender: socket.socket | None = None, key_advice: str = PROGRAM_KEY_ADVICE):
         self.address = address
+        self.key_advice = key_advice  # what to do when the master rejects our key
         self.ssl_context = ssl_context
         self.compat_wait = compat_wait
         self.key = key
@@ -290,6 +291,7 @@ class ClientConnection:
         self.broken: BaseException | None = None
         self.shm_prefix: str | None = None  # local mode: the segments results may come in (see shm.py)
         self.master_shutdown: str | None = None  # the reason the master gave when it said it was stopping
+        self._warned: dict[Any, Any] = {}  # the warnings registry of the master's notices
         # Local mode: the channel to the agent that lends us task processes, and the one we hold (see _Lease).
         self._lender = lender
         if lender is not None:
@@ -310,8 +312,11 @@ class ClientConnection:
         try:
             sock = socket.create_connection(self.address, timeout=timeout)
         except OSError as e:
+            # Tried once, as README says: a program pointed at a wrong address learns it at once.
+            refused = " (nothing listens there; a program does not wait for a master to start)" \
+                if isinstance(e, ConnectionRefusedError) else ""
             raise ClusterUnavailable(
-                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}. "
+                f"cannot connect to the clusterexec master at {host}:{port}: {e.strerror or e}{refused}. "
                 "Is `python -m clusterexec.master` running there, and is the port right?") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -321,7 +326,7 @@ class ClientConnection:
             my_challenge = P.new_challenge()
             key = self.key
             sock.sendall(P.client_proof(key, _recv_exact(sock, P.SERVER_HELLO.size), my_challenge))
-            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE))
+            P.client_check(key, my_challenge, _recv_exact(sock, P.SERVER_VERDICT_SIZE), self.key_advice)
             hello = {"t": "hello", "role": "client", "name": self.name, "host": socket.gethostname(),
                      "pid": os.getpid(), "python": platform.python_version(), "cloudpickle": cloudpickle.__version__,
                      "version": __version__, "compat_wait": self.compat_wait}
@@ -1343,9 +1348,11 @@ class ClientConnection:
             elif t == "ping":
                 pass  # the master is alive; any message says so
             elif t == "notice":
-                # From this thread a stack location would only point here: name the master instead.
+                # From this thread a stack location would only point here: name the master instead. The master
+                # says it again each time this client or an odd node (re)connects: shown once per executor, as
+                # the warnings module does for a warning raised in one place (unless filters say "always").
                 warnings.warn_explicit(str(h.get("text")), ClusterWarning, f"clusterexec master {self.address[0]}",
-                                       self.address[1], module="clusterexec")
+                                       self.address[1], module="clusterexec", registry=self._warned)
             elif t == "shutdown":
                 self.master_shutdown = str(h.get("reason") or "no reason given")
                 log.warning("the clusterexec master at %s:%s is shutting down (%s)%s", *self.address,

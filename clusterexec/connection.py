@@ -44,10 +44,12 @@ class FramedConnection(asyncio.BufferedProtocol):
                  on_ready: Callable[[FramedConnection], None],
                  on_messages: Callable[[FramedConnection, list[P.Message]], None],
                  on_lost: Callable[[FramedConnection, BaseException | None], None],
-                 max_header: int = P.DEFAULT_MAX_HEADER, max_frame: int = P.DEFAULT_MAX_FRAME):
+                 max_header: int = P.DEFAULT_MAX_HEADER, max_frame: int = P.DEFAULT_MAX_FRAME,
+                 key_advice: str = "use the master's key"):
         assert role in ("server", "client", "none")
         self.role = role
         self.key = key
+        self.key_advice = key_advice  # (client role: what to do when the master rejects our key)
         self.on_ready = on_ready
         self.on_messages = on_messages
         self.on_lost = on_lost
@@ -172,7 +174,7 @@ class FramedConnection(asyncio.BufferedProtocol):
                 self._sent_proof = True
             if len(buf) < P.SERVER_VERDICT_SIZE:
                 return
-            P.client_check(self.key or b"", self._challenge, bytes(buf[: P.SERVER_VERDICT_SIZE]))
+            P.client_check(self.key or b"", self._challenge, bytes(buf[: P.SERVER_VERDICT_SIZE]), self.key_advice)
             del buf[: P.SERVER_VERDICT_SIZE]
             self._become_ready()
 
@@ -191,7 +193,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------------------------------ output
 
     def send(self, header: dict[str, Any], buffers: list[Any] | tuple = ()) -> None:
-        if self.closed or self.transport is None:
+        # (is_closing: asyncio closes a transport itself when the peer hangs up, and calls connection_lost only
+        # once what it still holds has left, maybe never; from Python 3.12 a write in between raises TypeError.)
+        if self.closed or self.transport is None or self.transport.is_closing():
             return
         pieces = P.encode(header, buffers)
         # (len > 2: a frame with buffers; a header alone is small, and its size is not worth counting here)

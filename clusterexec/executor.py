@@ -15,6 +15,7 @@ import atexit
 import functools
 import itertools
 import os
+import sys
 import threading
 import time
 import weakref
@@ -27,7 +28,7 @@ from . import protocol as P
 from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
-from .auth import resolve_key
+from .auth import PROGRAM_KEY_ADVICE, resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
 from .errors import ClusterError, SerializationError
 from .local import LocalCluster, default_nprocs
@@ -81,9 +82,12 @@ class ClusterExecutor(Executor):
             from .slurm import master_address
             address = master_address(None if slurm is True else slurm)
         key = None
+        key_advice = PROGRAM_KEY_ADVICE
         if address is not None:
             host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
-            key, _ = resolve_key(authkey)
+            key, where = resolve_key(authkey)
+            source = "authkey=" if authkey is not None else where
+            key_advice = f"this program's key came from {source}; {PROGRAM_KEY_ADVICE}"
         self._by_value = S.send_by_value(modules)
         self._local: LocalCluster | None = None
         self._opts: dict[str, Any] = {}
@@ -96,7 +100,7 @@ class ClusterExecutor(Executor):
                 self._local = LocalCluster(max_workers or default_nprocs())
                 host_port, key = self._local.address, self._local.key
             self._conn = self._connect(host_port, key, name, connect_timeout, ssl_context, compatible_wait,
-                                       reconnect_window)
+                                       reconnect_window, key_advice)
         except BaseException:
             S.stop_by_value(self._by_value)
             raise
@@ -108,6 +112,8 @@ class ClusterExecutor(Executor):
             self._opts["mtpc"] = max_tasks_per_child
         if not output:
             self._opts["out"] = 0
+        if self._by_value:  # (for the hint of a task that imports one of them: see S.missing_module_hint)
+            self._opts["byval"] = list(self._by_value)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         if self._local is not None:
@@ -121,7 +127,8 @@ class ClusterExecutor(Executor):
         _open_executors.add(self)
 
     def _connect(self, host_port: tuple[str, int], key: bytes, name: str | None, connect_timeout: float,
-                 ssl_context: Any, compatible_wait: float, reconnect_window: float) -> ClientConnection:
+                 ssl_context: Any, compatible_wait: float, reconnect_window: float,
+                 key_advice: str) -> ClientConnection:
         """The connection to the master; in local mode it takes over the lender channel, and the private cluster
         is stopped if it cannot be made."""
         lender = None
@@ -130,6 +137,7 @@ class ClusterExecutor(Executor):
         try:
             return ClientConnection(host_port, key, name=name or _default_name(), connect_timeout=connect_timeout,
                                     ssl_context=ssl_context, compat_wait=compatible_wait, lender=lender,
+                                    key_advice=key_advice,
                                     reconnect_window=0.0 if self._local is not None else reconnect_window)
         except BaseException:
             if lender is not None:
@@ -394,16 +402,63 @@ class ClusterExecutor(Executor):
                 self._local.stop()
         else:
             _close_when_idle(self._conn)
+        self._closed()
+
+    def _closed(self) -> None:
         self._finalizer.detach()
         _open_executors.discard(self)
         names, self._by_value = self._by_value, []
         S.stop_by_value(names)
 
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool:
+        """``shutdown(wait=True)``, as `Executor.__exit__`, with Ctrl-C made plain.
+
+        After a first Ctrl-C (in the body, or while this waits) it says on stderr how many tasks it waits for;
+        a second one stops them. Either way the program then ends with one KeyboardInterrupt, the first."""
+        interrupt = exc_val if isinstance(exc_val, KeyboardInterrupt) else None
+        told = False
+        while True:
+            try:
+                if interrupt is not None and not told:
+                    told = True
+                    self._say_waiting()
+                self.shutdown(wait=True)
+                break
+            except KeyboardInterrupt as e:
+                if interrupt is None:
+                    interrupt = e
+                    continue
+                self._stop_now()
+                break
+        if interrupt is None or interrupt is exc_val:
+            return False  # (the body's own exception, if any, goes on)
+        raise interrupt
+
+    def _say_waiting(self) -> None:
+        pending = self._conn.pending_futures()
+        if not pending:
+            return
+        running = sum(1 for f in pending if f.running())
+        print(f"clusterexec: waiting for {_tasks(len(pending))} to finish ({running} running, "
+              f"{len(pending) - running} queued); press Ctrl-C again to stop them", file=sys.stderr, flush=True)
+
+    def _stop_now(self) -> None:
+        """The second Ctrl-C: leave at once. Closing the connection stops every task of this executor: the
+        master drops the tasks of a client that left, and a node kills those of them that run (local mode
+        stops its whole cluster). Pending Futures fail with ClusterUnavailable."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._conn.close()
+        if self._local is not None:
+            self._local.stop()
+        self._closed()
+
     # ------------------------------------------------------------------------------------------ misc
 
     def cluster_info(self) -> dict[str, Any]:
-        """What the master knows: ``workers`` (host, pid, nprocs, busy, done, failed, python), ``clients``,
-        ``queued`` and ``procs``. The counterpart of minimalcluster's ``list_workers()``."""
+        """What the master knows: ``workers`` (host, pid, nprocs, busy, done, raised, lost, python), ``clients``
+        (queued, running, pending, done), ``queued`` and ``procs``. The counterpart of minimalcluster's
+        ``list_workers()``."""
         return self._conn.status()
 
     def __repr__(self) -> str:
@@ -482,9 +537,11 @@ def _shutdown_at_exit() -> None:
 
 
 def _default_name() -> str:
-    import sys
-
     return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+
+
+def _tasks(n: int) -> str:
+    return f"{n} task" if n == 1 else f"{n} tasks"
 
 
 def _failed(error: BaseException) -> Future:

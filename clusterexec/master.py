@@ -586,27 +586,34 @@ class Master:
             last = getattr(conn, "last_heard", None)
             return round(max(0.0, now - last), 3) if last is not None else None
 
+        load = sched.load()
+        at_master = sum(q for q, _, _ in load.values())
+        ahead = sum(q for _, q, _ in load.values())
         return {
             "version": __version__,
             "python": python_version(),
             "uptime": time.time() - self.started_at,
-            # Waiting to run: in the master's queues, or handed to a node ahead of time (prefetched).
-            "queued": sched.queued() + sum(max(0, len(n.assigned) - n.nprocs) for n in sched.nodes.values()),
-            "queued_at_master": sched.queued(),
-            "running": sum(min(len(n.assigned), n.nprocs) for n in sched.nodes.values()),
+            # Waiting to run: in the master's queues, or handed to a node ahead of time (prefetched). The
+            # clients' "queued" add up to it.
+            "queued": at_master + ahead,
+            "queued_at_master": at_master,
+            "running": sum(r for _, _, r in load.values()),
             "procs": sched.total_procs(),
             "tasks_done": self.tasks_done,
             "tasks_per_second": round(rate, 1),
             "workers": [
                 {"id": n.id, "host": n.info.get("host"), "pid": n.info.get("pid"), "nprocs": n.nprocs,
                  "busy": min(len(n.assigned), n.nprocs), "assigned": len(n.assigned), "done": n.tasks_done,
-                 "failed": n.tasks_failed, "python": n.info.get("python"), "cloudpickle": n.info.get("cloudpickle"),
+                 "raised": n.tasks_raised, "lost": n.tasks_lost,
+                 "failed": n.tasks_lost,  # (the name "lost" had before: kept for scripts that read it)
+                 "python": n.info.get("python"), "cloudpickle": n.info.get("cloudpickle"),
                  "address": n.info.get("address"), "last_heard": heard(n)}
                 for n in sched.nodes.values()
             ],
             "clients": [
                 {"id": c.id, "host": c.info.get("host"), "pid": c.info.get("pid"), "name": c.info.get("name"),
-                 "queued": len(c.queue), "pending": len(c.tasks), "done": c.tasks_done}
+                 "queued": load[c.id][0] + load[c.id][1], "running": load[c.id][2], "pending": len(c.tasks),
+                 "done": c.tasks_done}
                 for c in sched.clients.values()
             ],
         }

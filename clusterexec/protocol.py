@@ -90,6 +90,7 @@ TASK_OPTIONS: dict[str, Callable[[Any], bool]] = {
     "out": lambda v: _is_int(v, 0, 1),  # 0: leave what it prints on the worker
     "chunk": lambda v: v in (CHUNK_OF_ARGS, CHUNK_OF_ITEMS) and type(v) is int,  # a chunk of map
     "shm": lambda v: type(v) is list and all(type(i) is int and i >= 0 for i in v),  # buffers in shared memory
+    "byval": lambda v: type(v) is list and all(type(m) is str for m in v),  # modules sent with it (modules=)
 }
 
 
@@ -160,16 +161,14 @@ def server_check(key: bytes, my_challenge: bytes, proof: bytes) -> bytes:
     return VERDICT_OK + _digest(key, b"S", challenge)
 
 
-def client_check(key: bytes, my_challenge: bytes, verdict: bytes) -> None:
-    """Check the server's verdict; raises a clear error unless both sides proved the key."""
+def client_check(key: bytes, my_challenge: bytes, verdict: bytes, advice: str = "use the master's key") -> None:
+    """Check the server's verdict; raises a clear error unless both sides proved the key. `advice`: how the
+    caller's user gives it the right key (a program, a worker and a command each have their own ways)."""
     word, digest = verdict[:2], verdict[2:]
     if word == VERDICT_WRONG_VERSION:
         raise VersionMismatch("the master rejected our protocol version; install the same clusterexec everywhere")
     if word != VERDICT_OK:
-        raise AuthenticationError(
-            "the master rejected our authentication key: use the master's key "
-            "(authkey=, CLUSTEREXEC_AUTHKEY, or --authkey-file)"
-        )
+        raise AuthenticationError(f"the master rejected our authentication key: {advice}")
     if not hmac.compare_digest(digest, _digest(key, b"S", my_challenge)):
         raise AuthenticationError("the master could not prove it knows our authentication key; refusing to talk to it")
 

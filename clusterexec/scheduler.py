@@ -76,8 +76,9 @@ class NodeState:
     out_cancel: list[tuple[int, list[int]]] = field(default_factory=list)
     out_drop: list[int] = field(default_factory=list)
     out_kill: list[int] = field(default_factory=list)
-    tasks_done: int = 0
-    tasks_failed: int = 0
+    tasks_done: int = 0  # results it sent: returned, raised, or ended by clusterexec (killed, time limit, ...)
+    tasks_raised: int = 0  # of those, tasks whose function raised an exception
+    tasks_lost: int = 0  # tasks whose process died under them (each attempt counts)
     compat: str = ""  # Python and cloudpickle versions: it only runs tasks of clients with the same
 
     @property
@@ -352,10 +353,12 @@ class Scheduler:
         ts.node = None
         self._has_room(node)
         if status == "lost":
-            node.tasks_failed += 1
+            node.tasks_lost += 1
             self._attempt_failed(ts, dict(info or {}, host=node.info.get("host")))
         else:
             node.tasks_done += 1
+            if status == "raise":
+                node.tasks_raised += 1
             self._finish(ts, status, bufs, info)
 
     # ------------------------------------------------------------------------------------------ cancel
@@ -472,8 +475,22 @@ class Scheduler:
         self._leave_ring(client)
         return failed
 
-    def queued(self) -> int:
-        return sum(len(c.queue) for c in self.clients.values())
+    def load(self) -> dict[int, tuple[int, int, int]]:
+        """Per client id: (queued at the master, queued at nodes, running), counted as the status shows them.
+
+        A node runs as many tasks as it has processes, the first it was handed; the others it holds are
+        queued there, handed over ahead of time. The clients' counts add up to the cluster's. The cost follows
+        the tasks on nodes (bounded by their capacity), not the length of the queues."""
+        on_nodes: dict[int, list[int]] = {}
+        for node in self.nodes.values():
+            for i, ts in enumerate(node.assigned.values()):
+                counts = on_nodes.setdefault(ts.client.id, [0, 0])
+                counts[0 if i >= node.nprocs else 1] += 1
+        load = {}
+        for client in self.clients.values():
+            queued_there, running = on_nodes.get(client.id, (0, 0))
+            load[client.id] = (len(client.tasks) - queued_there - running, queued_there, running)
+        return load
 
     def total_procs(self) -> int:
         return sum(n.nprocs for n in self.nodes.values())

@@ -32,7 +32,7 @@ import threading
 import traceback
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import cloudpickle
@@ -158,11 +158,11 @@ def _big_bytes_out_of_band(obj: Any, depth: int, wrapped: set[int]) -> Any:
     return obj
 
 
-def loads(buffers: list[Any], phase: str) -> Any:
+def loads(buffers: list[Any], phase: str, sent: Collection[str] = ()) -> Any:
     try:
         return pickle.loads(buffers[0], buffers=buffers[1:])
     except (Exception, SystemExit) as e:
-        raise failed(e, phase, missing_module_hint(e)) from e
+        raise failed(e, phase, missing_module_hint(e, sent)) from e
 
 
 def _inherited_only_hint(exc: BaseException) -> str:
@@ -178,13 +178,21 @@ def _inherited_only_hint(exc: BaseException) -> str:
             "manager.Value()... (for the logging cookbook's QueueHandler, give manager.Queue() in initargs)")
 
 
-def missing_module_hint(exc: BaseException) -> str:
-    """For a module missing where a task runs: which one, and how to send it along."""
+def missing_module_hint(exc: BaseException, sent: Collection[str] = ()) -> str:
+    """For a module missing where a task runs: which one, and how to send it along. `sent`: the modules the
+    task's executor already sends by value (``modules=``), which only an import statement can miss."""
     if not isinstance(exc, ModuleNotFoundError) or not exc.name:
         return ""
     top = exc.name.partition(".")[0]
-    return (f"The module {exc.name!r} is not installed on this worker ({socket.gethostname()}): install it "
-            f"there, or send it with the tasks: ClusterExecutor(..., modules=[{top}])")
+    where = f"this worker ({socket.gethostname()})"
+    given = next((m for m in sent if exc.name == m or exc.name.startswith(m + ".")), None)
+    if given is not None:
+        return (f"The module {exc.name!r} is not installed on {where}. It is sent with the tasks "
+                f"(modules=[{given}]), which carries the functions and classes they use, not the module itself: "
+                f"an import statement run in a task still needs it installed. Install it there, or use it "
+                f"through the functions you pass instead of importing it in the task")
+    return (f"The module {exc.name!r} is not installed on {where}: install it there, or send it with the "
+            f"tasks: ClusterExecutor(..., modules=[{top}])")
 
 
 _by_value: dict[str, int] = {}  # module name → executors that asked for it to be pickled by value

@@ -448,10 +448,12 @@ def _wait_for_master(cluster: SlurmCluster, deadline: float, timeout: float) -> 
 
 def _wait_for_workers(cluster: SlurmCluster, key: bytes, deadline: float, timeout: float) -> None:
     from .address import parse_address
+    from .auth import COMMAND_KEY_ADVICE
     from .client import ClientConnection
 
     conn = ClientConnection(parse_address(cluster.address or ""), key, name="clusterexec.slurm start",
-                            connect_timeout=max(1.0, deadline - time.monotonic()), ssl_context=cluster.ssl_context())
+                            connect_timeout=max(1.0, deadline - time.monotonic()), ssl_context=cluster.ssl_context(),
+                            key_advice=COMMAND_KEY_ADVICE)
     try:
         while True:
             joined = len(conn.status()["workers"])

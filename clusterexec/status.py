@@ -4,8 +4,8 @@
     master head-node:7070 · clusterexec 0.1.0 · Python 3.11.7 · up 2h03m
     2 worker nodes, 16 processes (12 busy) · 1,204 queued · 215.3 tasks/s · 90,122 done
 
-    NODE  HOST    PID   PROCS  BUSY  DONE    FAILED  PYTHON  CLOUDPICKLE  LAST HEARD
-    1     node-1  4711  8      8     45,020  0       3.11.7  3.1.1        0.3 s ago
+    NODE  HOST    PID   PROCS  BUSY  DONE    RAISED  LOST  PYTHON  CLOUDPICKLE  LAST HEARD
+    1     node-1  4711  8      8     45,020  12      0     3.11.7  3.1.1        0.3 s ago
     ...
 
 The same data from Python: `ClusterExecutor.cluster_info()`.
@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from .address import DEFAULT_PORT, parse_address
-from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
+from .auth import COMMAND_KEY_ADVICE, MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
 from .errors import ClusterError
 
 
@@ -31,7 +31,7 @@ def fetch(address: str | tuple[str, int], key: bytes, *, timeout: float = 10.0, 
 
     host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
     conn = ClientConnection(host_port, key, name="clusterexec.status", connect_timeout=timeout,
-                            ssl_context=ssl_context)
+                            ssl_context=ssl_context, key_advice=COMMAND_KEY_ADVICE)
     try:
         info = conn.status(timeout)
     finally:
@@ -56,18 +56,21 @@ def render(info: dict[str, Any]) -> str:
         "",
     ]
     if workers:
-        lines += _table(["NODE", "HOST", "PID", "PROCS", "BUSY", "DONE", "FAILED", "PYTHON", "CLOUDPICKLE",
+        # DONE: results the node sent (RAISED of them raised an exception); LOST: tasks whose process died.
+        lines += _table(["NODE", "HOST", "PID", "PROCS", "BUSY", "DONE", "RAISED", "LOST", "PYTHON", "CLOUDPICKLE",
                          "LAST HEARD"],
                         [[w.get("id"), w.get("host"), w.get("pid"), w.get("nprocs"), w.get("busy"),
-                          f"{w.get('done') or 0:,}", f"{w.get('failed') or 0:,}", w.get("python"),
+                          f"{w.get('done') or 0:,}", f"{w.get('raised') or 0:,}",
+                          f"{w.get('lost', w.get('failed')) or 0:,}", w.get("python"),
                           w.get("cloudpickle"), _ago(w.get("last_heard"))] for w in workers])
     else:
         lines.append("no worker nodes connected (start one: python -m clusterexec.worker HOST)")
     lines.append("")
     if clients:
-        lines += _table(["CLIENT", "HOST", "PID", "NAME", "QUEUED", "PENDING", "DONE"],
+        lines += _table(["CLIENT", "HOST", "PID", "NAME", "QUEUED", "RUNNING", "PENDING", "DONE"],
                         [[c.get("id"), c.get("host"), c.get("pid"), c.get("name"), f"{c.get('queued') or 0:,}",
-                          f"{c.get('pending') or 0:,}", f"{c.get('done') or 0:,}"] for c in clients])
+                          f"{c.get('running') or 0:,}", f"{c.get('pending') or 0:,}", f"{c.get('done') or 0:,}"]
+                         for c in clients])
     else:
         lines.append("no clients connected")
     return "\n".join(lines)

@@ -47,7 +47,14 @@ from . import protocol as P
 from . import serialization as S
 from . import shm
 from .address import DEFAULT_PORT, parse_address
-from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_failure, tls_from_arguments
+from .auth import (
+    COMMAND_KEY_ADVICE,
+    MissingKeyError,
+    add_tls_arguments,
+    resolve_key,
+    tls_failure,
+    tls_from_arguments,
+)
 from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, loop_is_idle
 from .local import default_nprocs
 
@@ -206,7 +213,8 @@ class Agent:
                 self._welcome = loop.create_future()
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
-                                             on_messages=self._on_master_messages, on_lost=self._on_master_lost),
+                                             on_messages=self._on_master_messages, on_lost=self._on_master_lost,
+                                             key_advice=COMMAND_KEY_ADVICE),
                     sock=sock, ssl=self.ssl_context, server_hostname=host if self.ssl_context else None,
                     ssl_handshake_timeout=max(0.1, deadline - time.monotonic()) if self.ssl_context else None)
                 self.conn = conn
@@ -284,6 +292,14 @@ class Agent:
         if self.leaving or self.closing:
             return
         self.leaving = True
+        try:
+            await self._finish_up(grace)
+        except Exception:  # (whatever went wrong on the way, a node told to stop stops)
+            log.exception("error while leaving the cluster; stopping now")
+        finally:
+            await self.stop()
+
+    async def _finish_up(self, grace: float) -> None:
         # Tasks already in a task process count as running: a few milliseconds' worth of quick ones at most.
         running = sum(len(p.tasks) for p in self.procs.values())
         began = time.monotonic()
@@ -307,7 +323,6 @@ class Agent:
             for proc in self.procs.values():
                 proc.skip.update(t.id for t in proc.tasks)  # not a loss: the master hears "handed back" instead
             self._hand_back(unfinished)
-        await self.stop()
 
     def hurry(self) -> None:
         """Stop waiting for running tasks: hand them back now."""
@@ -667,13 +682,18 @@ class Agent:
 
     def _look_again(self) -> None:
         """While we hold tasks ahead of time: have they turned slow? (Then _ask_prefetch gives back the
-        surplus, for other nodes to run.) Nothing else may happen here for as long as the tasks run."""
+        surplus, for other nodes to run.) Nothing else may happen here for as long as the tasks run. Once we
+        hold none, there is nothing to look at: an idle node sleeps until the next tasks (_dispatch looks
+        again from then on)."""
         self._recheck = None
         conn = self.conn
         if conn is not None and not conn.closed and not self.leaving:
             self._ask_prefetch(conn)
-        if self._prefetch_asked and not self.closing:
+        if self._prefetch_asked and not self.closing and self._holds_tasks():
             self._recheck = self._loop.call_later(4 * PIPELINE_WORK, self._look_again)
+
+    def _holds_tasks(self) -> bool:
+        return bool(self.queue) or any(p.tasks for p in self.procs.values())
 
     def _give(self, proc: _Proc, task: P.Task, batches: dict[_Proc, list[P.Task]]) -> None:
         if not proc.tasks:
@@ -988,7 +1008,7 @@ class _TaskRunner:
         self.authkeys.pop(h, None)
         self.initialized.pop(h, None)
 
-    def _load(self, blob: P.Blob, phase: str) -> Any:
+    def _load(self, blob: P.Blob, phase: str, sent: Any = ()) -> Any:
         fn = self.functions.get(blob.hash)
         if fn is None:
             extras = S.blob_extras(blob.data)
@@ -997,7 +1017,7 @@ class _TaskRunner:
             if isinstance(extras.get("authkey"), bytes):
                 self.authkeys[blob.hash] = extras["authkey"]
                 self._use_authkey_of(blob)  # (a function may hold a Manager proxy too)
-            fn = S.loads([blob.data], phase)
+            fn = S.loads([blob.data], phase, sent)
             self.functions[blob.hash] = fn
         return fn
 
@@ -1083,13 +1103,14 @@ class _TaskRunner:
     def run(self, task: P.Task) -> tuple[str, list[Any], Any]:
         opts = task.opts or {}
         phase = self.phase
+        sent = opts.get("byval", ())  # (modules the executor sends by value: see S.missing_module_hint)
         try:
             phase[0] = _UNPICKLING_FN
-            fn = self._load(task.deps[0], "unpickling the function")
+            fn = self._load(task.deps[0], "unpickling the function", sent)
             self._use_authkey_of(task.deps[0])
             if opts.get("init"):
                 phase[0] = _INITIALIZING
-                self._initialize(task.deps[1])
+                self._initialize(task.deps[1], sent)
             phase[0] = _UNPICKLING_ARGS
             bufs = task.bufs
             if opts.get("shm"):
@@ -1101,7 +1122,7 @@ class _TaskRunner:
                     raise S.SerializationError(
                         f"error unpickling the arguments: their shared memory cannot be read: {e}",
                         phase="unpickling the arguments") from None
-            payload = S.loads(bufs, "unpickling the arguments")
+            payload = S.loads(bufs, "unpickling the arguments", sent)
         except S.SerializationError as e:
             self._show_sources_of(task.deps[0])
             return _error_result(e, kind="serialization", phase=e.phase)
@@ -1110,12 +1131,12 @@ class _TaskRunner:
             return _error_result(e.error, kind="initializer", phase="running the initializer")
         phase[0] = _RUNNING
         if opts.get("chunk"):
-            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS, task.deps[0])
+            return self._run_chunk(fn, payload, opts["chunk"] == P.CHUNK_OF_ITEMS, task.deps[0], sent)
         args, kwargs = payload
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt travel too
-            _note_missing_module(exc)
+            _note_missing_module(exc, sent)
             self._show_sources_of(task.deps[0])
             phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
@@ -1127,7 +1148,7 @@ class _TaskRunner:
             self._show_sources_of(task.deps[0])
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _run_chunk(self, fn: Any, chunk: Any, items: bool, blob: P.Blob) -> tuple[str, list[Any], Any]:
+    def _run_chunk(self, fn: Any, chunk: Any, items: bool, blob: P.Blob, sent: Any = ()) -> tuple[str, list[Any], Any]:
         """A map chunk: argument tuples, or (`items`) the items of a single iterable, a range perhaps.
 
         `list.extend` keeps what it appended when the iterator raises: the values before the failing item."""
@@ -1135,7 +1156,7 @@ class _TaskRunner:
         try:
             values.extend(map(fn, chunk) if items else itertools.starmap(fn, chunk))
         except BaseException as exc:  # noqa: BLE001
-            _note_missing_module(exc)
+            _note_missing_module(exc, sent)
             self._show_sources_of(blob)
             self.phase[0] = _PICKLING_EXCEPTION
             bufs, info = S.dumps_exception(exc)
@@ -1153,14 +1174,14 @@ class _TaskRunner:
             self._show_sources_of(blob)
             return _error_result(e, kind="serialization", phase=e.phase)
 
-    def _initialize(self, blob: P.Blob) -> None:
+    def _initialize(self, blob: P.Blob, sent: Any = ()) -> None:
         if blob.hash in self.initialized:
             error = self.initialized[blob.hash]
             if error is not None:
                 raise _InitializerFailed(error)
             return
         try:
-            initializer, initargs = self._load(blob, "unpickling the initializer")
+            initializer, initargs = self._load(blob, "unpickling the initializer", sent)
             initializer(*initargs)
         except BaseException as exc:  # noqa: BLE001
             self.initialized[blob.hash] = exc
@@ -1300,8 +1321,8 @@ def _send_all(sock: socket.socket, pieces: list[Any]) -> None:
         P.sent_off(views, sock.sendmsg(views[:512]))
 
 
-def _note_missing_module(exc: BaseException) -> None:
-    hint = S.missing_module_hint(exc)
+def _note_missing_module(exc: BaseException, sent: Any = ()) -> None:
+    hint = S.missing_module_hint(exc, sent)
     if hint:
         exc.add_note(hint)
 

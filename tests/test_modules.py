@@ -65,3 +65,17 @@ def test_modules_accepts_names_and_rejects_other_things(cluster, private_package
         cluster.executor(modules=[42])
     with pytest.raises(ModuleNotFoundError):
         cluster.executor(modules=["no_such_module_q9"])
+
+
+def test_an_import_of_a_module_sent_by_value_does_not_suggest_sending_it(cluster, private_package):
+    def imports_it():
+        import labcode_x7.physics  # noqa: F401
+
+    with cluster.executor(modules=[private_package]) as ex:
+        assert ex.submit(private_package.simulate, 2).result(timeout=30) == 40
+        with pytest.raises(ModuleNotFoundError) as info:
+            ex.submit(imports_it).result(timeout=30)
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "send it with the tasks" not in notes, notes
+    assert "It is sent with the tasks (modules=[labcode_x7])" in notes, notes
+    assert "an import statement run in a task still needs it installed" in notes, notes

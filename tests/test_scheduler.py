@@ -192,7 +192,8 @@ def test_every_task_option_the_client_writes_is_accepted():
     s = Scheduler(prefetch=0)
     s.add_client(1)
     s.submit(1, [Task(1, [FUNCTION, FUNCTION], [b"a", b"b"], {"retries": 0, "timeout": 1.5, "tried": 1, "confirm": 1,
-                                                              "mtpc": 3, "init": 1, "out": 0, "chunk": 2, "shm": [1]})])
+                                                              "mtpc": 3, "init": 1, "out": 0, "chunk": 2, "shm": [1],
+                                                              "byval": ["mymod"]})])
     assert deliveries(s, 1) == []
     assert s.queued() == 1
 

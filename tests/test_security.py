@@ -158,6 +158,27 @@ def test_client_with_wrong_key_gets_authentication_error_and_master_keeps_servin
         _assert_cluster_works(cluster, good)
 
 
+def test_a_wrong_key_message_says_what_that_kind_of_peer_can_set(cluster, tmp_path, monkeypatch):
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("certainly-not-the-key")
+    wrong.chmod(0o600)
+    monkeypatch.setenv("CLUSTEREXEC_AUTHKEY_FILE", str(wrong))
+    # A program: authkey= and the environment, and where the key it used came from; no command-line flag.
+    with pytest.raises(AuthenticationError) as info:
+        ClusterExecutor(cluster.address)
+    message = str(info.value)
+    assert "authkey=" in message and "CLUSTEREXEC_AUTHKEY" in message and str(wrong) in message, message
+    assert "--authkey" not in message, message
+    # The status command and a worker: their flags.
+    for command in (["clusterexec.status", cluster.address], ["clusterexec.worker", cluster.address,
+                                                              "--connect-timeout", "5"]):
+        proc = subprocess.run([sys.executable, "-m", *command, "--authkey-file", str(wrong)], capture_output=True,
+                              text=True, timeout=20, env=_env())
+        assert proc.returncode != 0
+        assert "rejected our authentication key" in proc.stderr and "--authkey-file" in proc.stderr, proc.stderr
+        assert "authkey=" not in proc.stderr, proc.stderr
+
+
 def test_worker_with_wrong_key_exits_nonzero_with_a_clear_message(cluster, tmp_path):
     wrong = tmp_path / "wrong.key"
     wrong.write_text("certainly-not-the-key")
@@ -214,11 +235,12 @@ def test_connecting_where_nothing_listens_fails_quickly_with_cluster_unavailable
     port = _free_port()
     t0 = time.monotonic()
     with pytest.raises(ClusterUnavailable) as info:
-        ClusterExecutor(f"127.0.0.1:{port}", authkey="any-key")
+        ClusterExecutor(f"127.0.0.1:{port}", authkey="any-key", connect_timeout=30)  # (not waited for)
     assert time.monotonic() - t0 < 3
     message = str(info.value)
     assert f"127.0.0.1:{port}" in message
     assert "cannot connect" in message and "clusterexec.master" in message
+    assert "nothing listens there; a program does not wait for a master to start" in message, message
 
 
 def test_server_that_never_answers_gives_cluster_unavailable_after_connect_timeout():

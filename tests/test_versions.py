@@ -9,16 +9,18 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import cloudpickle
 import pytest
-from conftest import Cluster, _env
+from conftest import Cluster, _env, wait_until
 
-from clusterexec import ClusterWarning, IncompatibleWorkers
+from clusterexec import ClusterUnavailable, ClusterWarning, IncompatibleWorkers
 from clusterexec.master import compat_key
 
 pytestmark = pytest.mark.timeout(90)
@@ -123,3 +125,32 @@ def test_a_matching_worker_that_joins_in_time_takes_the_tasks(empty_cluster):
             assert not future.done()
             c.start_worker(1)
             assert future.result(timeout=30) == sys.version.split()[0]
+
+
+def _nodes(ex) -> int:
+    try:
+        return len(ex.cluster_info()["workers"])
+    except ClusterUnavailable:  # (not back yet)
+        return 0
+
+
+@needs_other
+def test_the_version_warning_is_shown_once_though_master_and_nodes_reconnect(empty_cluster):
+    c = empty_cluster
+    start_other_worker(c)
+    c.start_worker(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # (what a program runs with; pytest.warns would show every one)
+        with c.executor(reconnect_window=30) as ex:
+            assert sorted(ex.map(abs, range(-10, 0))) == list(range(1, 11))
+            # The master restarts on its port; the client and the odd node (the same process) come back, and
+            # the master says again what it said before.
+            c.master.send_signal(signal.SIGTERM)
+            c.master.wait(10)
+            c.start_master(c.port)
+            # (Asked on the executor's own connection: another client would be told too.)
+            wait_until(lambda: _nodes(ex) == 2, 30, what="both nodes to come back")
+            assert sorted(ex.map(abs, range(-10, 0))) == list(range(1, 11))
+            ex.cluster_info()  # (whatever the master said before its answer has been heard)
+    said = [str(w.message) for w in caught if issubclass(w.category, ClusterWarning)]
+    assert len(said) == 1, said
