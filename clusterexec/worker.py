@@ -62,6 +62,10 @@ PIPELINE_MAX = 64
 SLOW_AFTER = 0.05  # seconds a task runs before its node stops asking for tasks ahead of time (see _ask_prefetch)
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
 LEND_MESSAGE_MAX = 1 << 16  # bytes in one message between a local client and its agent (see Agent._on_lender)
+# Reaching the master: seconds one TCP connect may take (the kernel's own first SYN timeout; see
+# Agent._open_socket), and then the authentication, with TLS, until the master's welcome.
+CONNECT_ATTEMPT = 1.0
+HANDSHAKE_ATTEMPT = 10.0
 
 
 # ================================================================================================ agent
@@ -198,19 +202,20 @@ class Agent:
         host, port = self.address
         warned = False
         while True:
+            began = time.monotonic()
             try:
-                # Each attempt is bounded by what is left of the window: a connect whose SYNs vanish (host
-                # down, partition) would otherwise wait minutes for the kernel, as would a frozen master.
-                sock = await asyncio.wait_for(self._open_socket(host, port), max(0.1, deadline - time.monotonic()))
+                sock = await self._open_socket(host, port, deadline)
+                # The handshake too has a bound of its own: the network may fail again halfway through it.
+                handshake = max(0.1, min(HANDSHAKE_ATTEMPT, deadline - time.monotonic()))
                 self._welcome = loop.create_future()
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
                                              on_messages=self._on_master_messages, on_lost=self._on_master_lost),
                     sock=sock, ssl=self.ssl_context, server_hostname=host if self.ssl_context else None,
-                    ssl_handshake_timeout=max(0.1, deadline - time.monotonic()) if self.ssl_context else None)
+                    ssl_handshake_timeout=handshake if self.ssl_context else None)
                 self.conn = conn
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._welcome), max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(asyncio.shield(self._welcome), handshake)
                 except TimeoutError:
                     self.conn = None  # so that its loss is not taken for the loss of an established session
                     conn.close()
@@ -226,17 +231,24 @@ class Agent:
                     if final:  # a certificate or TLS/plaintext mismatch: retrying cannot help
                         raise P.AuthenticationError(message) from None
                     e = ConnectionError(message)
-                if time.monotonic() + delay > deadline:
+                # The delay spaces attempts out; one that timed out has waited already.
+                wait = max(0.0, began + delay - time.monotonic())
+                if time.monotonic() + wait > deadline:
                     reason = str(e) or "no answer"
                     raise ConnectionError(f"cannot reach the master at {host}:{port}: {reason}") from None
                 if not warned:
                     log.warning("master at %s:%s not reachable (%s); retrying for up to %.0f s", host, port,
                                 str(e) or "no answer", window)
                     warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 1.0)
 
-    async def _open_socket(self, host: str, port: int) -> socket.socket:
+    async def _open_socket(self, host: str, port: int, deadline: float) -> socket.socket:
+        """A TCP connection to the master, each address tried for CONNECT_ATTEMPT seconds at most.
+
+        Not longer: when the SYNs vanish (a partition, a host down) the kernel resends them ever more rarely,
+        the last within a minute at 35 s (31 s on older kernels), so one long attempt would miss a network that
+        heals after that. A new attempt sends a SYN at once."""
         # Resolve in this thread: the agent must stay single-threaded so that fork() is safe.
         last: OSError | None = None
         for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
@@ -244,8 +256,9 @@ class Agent:
             sock.setblocking(False)
             _forget_stale_registration(self._loop, sock.fileno())
             try:
-                await self._loop.sock_connect(sock, addr)
-            except OSError as e:
+                await asyncio.wait_for(self._loop.sock_connect(sock, addr),
+                                       max(0.1, min(CONNECT_ATTEMPT, deadline - time.monotonic())))
+            except OSError as e:  # (TimeoutError too)
                 sock.close()
                 last = e
                 continue
