@@ -1446,7 +1446,10 @@ def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:
     _set_parent_death_signal()
     # A session (and process group) of our own, and the subreaper of all below us: what a task starts is
     # ours to find and stop when the task ends (see _stop_leftovers), and the agent's when we die.
-    os.setsid()
+    try:
+        os.setsid()
+    except OSError:  # (cannot fail in a child just forked, which leads no group)
+        pass
     _become_subreaper()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the agent, which decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
