@@ -1171,8 +1171,8 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
         cluster.stop()
 
 
-# The kernel sends a connect's SYNs at 0, 1, 2, 3, 4, 5, 7, 11, 19 and 35 s (Linux 6.x; 0, 1, 3, 7, 15 and 31 s
-# before it) and the next at 67 s: a connect attempt left to the kernel misses a network healed in between.
+# The kernel sends a connect's SYNs at 0, 1, 2, 3, 4, 5, 7, 11, 19, 35, then 67 s (Linux 6.x, measured; at 0, 1,
+# 3, 7, 15, 31, then 63 s before): a connect attempt left to the kernel misses a network healed in between.
 LAST_SYN = 36.0
 
 
