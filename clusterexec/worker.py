@@ -14,6 +14,14 @@
 Task processes are forked from the agent, which is single-threaded, so start-up is fast and they inherit
 the imports. Each asks the kernel to kill it if the agent dies (PR_SET_PDEATHSIG), so no process outlives
 its node. Only the agent talks to the master; it answers even while every task process runs user code.
+
+Processes a task starts end with the task. Each task process leads a session of its own and is a child
+subreaper, as is the agent: what a task leaves running stays below its task process, even a daemon that
+double-forked (orphans come back to the nearest subreaper, not to init). When a task ends, its process kills
+and reaps whatever it has below it before it sends the result (one waitid() per results message says whether
+there is anything), but for multiprocessing's forkserver and resource tracker, which serve its next tasks.
+When a task process dies or is killed (a time limit, ex.kill(), the node stopping), the agent kills its
+session's process group, then every child of its own that is no task process: the orphans it left.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ PIPELINE_MAX = 64
 SLOW_AFTER = 0.05  # seconds a task runs before its node stops asking for tasks ahead of time (see _ask_prefetch)
 _NOT_PIPELINED = ("timeout", "mtpc", "confirm")
 LEND_MESSAGE_MAX = 1 << 16  # bytes in one message between a local client and its agent (see Agent._on_lender)
+# Reaching the master: seconds one TCP connect may take (the kernel's own first SYN timeout; see
+# Agent._open_socket), and then the authentication, with TLS, until the master's welcome.
+CONNECT_ATTEMPT = 1.0
+HANDSHAKE_ATTEMPT = 10.0
 
 
 # ================================================================================================ agent
@@ -174,6 +186,7 @@ class Agent:
         self._watchdog: asyncio.TimerHandle | None = None
         self.failure: BaseException | None = None
         self.lender: socket.socket | None = None  # local mode: where the client asks to borrow a task process
+        self._strays_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -184,6 +197,7 @@ class Agent:
         `lender`: local mode's channel to its one client, which borrows idle task processes over it.
         """
         self._loop = asyncio.get_running_loop()
+        _become_subreaper()  # what a dead task process leaves comes to us (see _stop_strays)
         for _ in range(self.nprocs):
             self._spawn()
         if lender is not None:
@@ -206,20 +220,21 @@ class Agent:
         host, port = self.address
         warned = False
         while True:
+            began = time.monotonic()
             try:
-                # Each attempt is bounded by what is left of the window: a connect whose SYNs vanish (host
-                # down, partition) would otherwise wait minutes for the kernel, as would a frozen master.
-                sock = await asyncio.wait_for(self._open_socket(host, port), max(0.1, deadline - time.monotonic()))
+                sock = await self._open_socket(host, port, deadline)
+                # The handshake too has a bound of its own: the network may fail again halfway through it.
+                handshake = max(0.1, min(HANDSHAKE_ATTEMPT, deadline - time.monotonic()))
                 self._welcome = loop.create_future()
                 _, conn = await loop.create_connection(
                     lambda: FramedConnection(role="client", key=self.key, on_ready=self._on_ready,
                                              on_messages=self._on_master_messages, on_lost=self._on_master_lost,
                                              key_advice=COMMAND_KEY_ADVICE),
                     sock=sock, ssl=self.ssl_context, server_hostname=host if self.ssl_context else None,
-                    ssl_handshake_timeout=max(0.1, deadline - time.monotonic()) if self.ssl_context else None)
+                    ssl_handshake_timeout=handshake if self.ssl_context else None)
                 self.conn = conn
                 try:
-                    await asyncio.wait_for(asyncio.shield(self._welcome), max(0.1, deadline - time.monotonic()))
+                    await asyncio.wait_for(asyncio.shield(self._welcome), handshake)
                 except TimeoutError:
                     self.conn = None  # so that its loss is not taken for the loss of an established session
                     conn.close()
@@ -235,17 +250,24 @@ class Agent:
                     if final:  # a certificate or TLS/plaintext mismatch: retrying cannot help
                         raise P.AuthenticationError(message) from None
                     e = ConnectionError(message)
-                if time.monotonic() + delay > deadline:
+                # The delay spaces attempts out; one that timed out has waited already.
+                wait = max(0.0, began + delay - time.monotonic())
+                if time.monotonic() + wait > deadline:
                     reason = str(e) or "no answer"
                     raise ConnectionError(f"cannot reach the master at {host}:{port}: {reason}") from None
                 if not warned:
                     log.warning("master at %s:%s not reachable (%s); retrying for up to %.0f s", host, port,
                                 str(e) or "no answer", window)
                     warned = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, 1.0)
 
-    async def _open_socket(self, host: str, port: int) -> socket.socket:
+    async def _open_socket(self, host: str, port: int, deadline: float) -> socket.socket:
+        """A TCP connection to the master, each address tried for CONNECT_ATTEMPT seconds at most.
+
+        Not longer: when the SYNs vanish (a partition, a host down) the kernel resends them ever more rarely,
+        the last within a minute at 35 s (31 s on older kernels), so one long attempt would miss a network that
+        heals after that. A new attempt sends a SYN at once."""
         # Resolve in this thread: the agent must stay single-threaded so that fork() is safe.
         last: OSError | None = None
         for family, type_, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
@@ -253,8 +275,9 @@ class Agent:
             sock.setblocking(False)
             _forget_stale_registration(self._loop, sock.fileno())
             try:
-                await self._loop.sock_connect(sock, addr)
-            except OSError as e:
+                await asyncio.wait_for(self._loop.sock_connect(sock, addr),
+                                       max(0.1, min(CONNECT_ATTEMPT, deadline - time.monotonic())))
+            except OSError as e:  # (TimeoutError too)
                 sock.close()
                 last = e
                 continue
@@ -279,7 +302,7 @@ class Agent:
         for proc in list(self.procs.values()):
             self._kill(proc)
         deadline = time.monotonic() + 5
-        while self.procs and time.monotonic() < deadline:
+        while (self.procs or self._kill_strays()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             for proc in list(self.procs.values()):
                 self._reap(proc)
@@ -852,18 +875,21 @@ class Agent:
         self._kill(proc)
 
     def _kill(self, proc: _Proc) -> None:
+        """Kill a task process and the processes of its session's group: what its task started dies with it.
+        (Unreaped, it still holds its pid, and so its group's id: the signal can reach nobody else.)"""
         proc.killed = True
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(proc.pid)
 
     def _reap(self, proc: _Proc) -> None:
         """Collect a dead process: report its task as lost, start a replacement."""
         if proc.pid not in self.procs:
             return
         try:
-            pid, status = os.waitpid(proc.pid, os.WNOHANG)
+            # Look before reaping: while it is a zombie, its pid (its group's id) cannot be anyone else's.
+            exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            if exited:
+                _kill_group(proc.pid)  # the processes its tasks started
+            pid, status = os.waitpid(proc.pid, 0) if exited else (0, 0)
         except ChildProcessError:
             pid, status = proc.pid, 0
         if pid == 0:  # closed its socket but still exiting: look again shortly
@@ -873,6 +899,7 @@ class Agent:
             return
         del self.procs[proc.pid]
         self._close_pidfd(proc)
+        self._stop_strays()
         if proc.conn is not None:
             proc.conn.close()
         info: dict[str, Any] = {"pid": proc.pid, "host": self.host}
@@ -918,6 +945,87 @@ class Agent:
                 self.queue.extendleft(reversed(again))
         if not self.closing:
             self._spawn()
+
+    def _stop_strays(self) -> None:
+        """Kill the orphans dead task processes left (they came to us, the subreaper: whatever we did not
+        fork ourselves), and reap them; look again until none is left, as each may leave orphans too."""
+        if self._kill_strays() and self._strays_timer is None and not self.closing:
+            self._strays_timer = self._loop.call_later(0.01, self._strays_again)
+
+    def _strays_again(self) -> None:
+        self._strays_timer = None
+        self._stop_strays()
+
+    def _kill_strays(self) -> bool:
+        """One round of _stop_strays; True if there were any."""
+        strays = [pid for pid in _children(os.getpid()) if pid not in self.procs]
+        for pid in strays:  # (our children, unreaped: their pids are not anyone else's)
+            _kill_quietly(pid)
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        return bool(strays)
+
+
+def _become_subreaper() -> None:
+    """Orphans of our descendants come to us instead of init (PR_SET_CHILD_SUBREAPER); not inherited."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_CHILD_SUBREAPER = 36
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children, zombies included."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):
+        return _children_by_scan(pid)  # a kernel without CONFIG_PROC_CHILDREN
+    kids: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in threads:  # (a child belongs to the thread that forked it, or that adopted it)
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                kids.extend(int(k) for k in f.read().split())
+        except OSError:
+            continue  # a thread that has ended
+    return kids
+
+
+def _children_by_scan(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL to the process group `pid` leads, or to `pid` alone if it leads none (yet: a task process
+    makes its session early, but may be killed before)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        _kill_quietly(pid)
 
 
 def _discard(bufs: list[Any], info: Any) -> None:
@@ -1090,9 +1198,11 @@ class _TaskRunner:
                 return
 
     def _send_held(self) -> None:
-        """Send the results held back, in one frame."""
+        """Send the results held back, in one frame; first stop what their tasks left running."""
         if not self.held:
             return
+        if _has_children():
+            _stop_leftovers()
         pieces = P.encode({"t": "results", "items": self.held}, self.held_bufs)
         self.held = []
         self.held_bufs = []
@@ -1304,6 +1414,52 @@ class _Output:
         self.dropped = 0
 
 
+def _has_children() -> bool:
+    """Is any process below us, running or a zombie? One system call, made once per results message."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _stop_leftovers(patience: float = 5.0) -> None:
+    """Kill and reap every process below this task process: what the tasks run here left running. Those that
+    are orphaned on the way come back to us (we are a subreaper) and are found in the next round."""
+    me = os.getpid()
+    deadline = time.monotonic() + patience
+    spared = _multiprocessing_helpers()
+    while True:
+        kids = [pid for pid in _children(me) if pid not in spared]
+        if not kids:
+            return
+        for pid in kids:  # (our children, unreaped: their pids are not anyone else's)
+            _kill_quietly(pid)
+        for pid in kids:
+            while True:
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        break
+                except ChildProcessError:  # reaped by the task's own thread meanwhile
+                    break
+                if time.monotonic() > deadline:
+                    return  # stuck in the kernel (a hung mount, say): left for the next results message
+                time.sleep(0.001)
+
+
+def _multiprocessing_helpers() -> set[int]:
+    """multiprocessing's forkserver and resource tracker, if a task started them: they serve every later task
+    in this process too (and fail it if killed: the forkserver's owner would find its pid reaped), so they
+    stay, and end with the process."""
+    helpers = set()
+    for module, instance, field in (("multiprocessing.forkserver", "_forkserver", "_forkserver_pid"),
+                                    ("multiprocessing.resource_tracker", "_resource_tracker", "_pid")):
+        pid = getattr(getattr(sys.modules.get(module), instance, None), field, None)
+        if isinstance(pid, int):
+            helpers.add(pid)
+    return helpers
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -1348,7 +1504,14 @@ def _error_result(exc: BaseException, *, kind: str, phase: str) -> tuple[str, li
 
 def _task_process_main(sock: socket.socket, phase: mmap.mmap) -> None:
     _set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the agent decides
+    # A session (and process group) of our own, and the subreaper of all below us: what a task starts is
+    # ours to find and stop when the task ends (see _stop_leftovers), and the agent's when we die.
+    try:
+        os.setsid()
+    except OSError:  # (cannot fail in a child just forked, which leads no group)
+        pass
+    _become_subreaper()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the agent, which decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         signal.set_wakeup_fd(-1)  # the agent's event loop is not ours
