@@ -321,6 +321,8 @@ class FrameReader:
             header = json.loads(bytes(frame[:head_len]))
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"frame header is not JSON: {e}") from None
+        except RecursionError:  # nested deeper than the parser recurses: no header we send is
+            raise ProtocolError("frame header is nested too deep") from None
         if not isinstance(header, dict) or not isinstance(header.get("t"), str):
             raise ProtocolError("frame header has no message type")
         view = memoryview(frame)

@@ -502,6 +502,17 @@ def _client_sends_cancel_without_fields(sock, key):
     sock.sendall(P.encode_bytes({"t": "cancel"}))
 
 
+def _nested_header(depth: int = 200_000) -> bytes:
+    """A frame whose JSON header nests `depth` lists deep: too deep for Python's JSON parser to recurse."""
+    head = b'{"t":"submit","tasks":' + b"[" * depth + b"]" * depth + b"}"
+    return struct.pack("!HI", 0, len(head)) + head
+
+
+@_after_hello
+def _client_sends_a_header_nested_200000_deep(sock, key):
+    sock.sendall(_nested_header())
+
+
 _CASES = [
     _pre_auth_random_bytes,
     _pre_auth_random_bytes_without_reading_the_hello,
@@ -540,6 +551,62 @@ def test_malformed_input_closes_that_connection_alone_and_is_logged(cluster, cas
         # The connection that was already open and new connections both still work.
         assert bystander.submit(square, 6).result(timeout=15) == 36
         _assert_cluster_works(cluster, bystander)
+
+
+def _serve_one_worker_session(listener: socket.socket, key: bytes) -> socket.socket:
+    """Accept a worker node on `listener`, authenticate it as a master would, and welcome its hello."""
+    sock, _ = listener.accept()
+    sock.settimeout(10)
+    challenge = P.new_challenge()
+    sock.sendall(P.server_hello(challenge))
+    verdict = P.server_check(key, challenge, recv_exact(sock, P.CLIENT_PROOF.size))
+    assert verdict.startswith(P.VERDICT_OK)
+    sock.sendall(verdict)
+    hello = read_frame(sock)
+    assert hello.header["role"] == "worker"
+    sock.sendall(P.encode_bytes({"t": "welcome", "id": 1, "heartbeat": [1.0, 30.0], "max_frame": 1 << 20}))
+    return sock
+
+
+@pytest.mark.timeout(60)
+def test_worker_closes_a_master_connection_whose_header_nests_too_deep_and_reconnects(tmp_path):
+    """A header nested 200,000 deep is a malformed frame like any other: the node agent closes that
+    connection with one log line, no traceback, and reconnects."""
+    key = b"a-key-for-the-fake-master"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o600)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(30)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "clusterexec.worker", f"127.0.0.1:{listener.getsockname()[1]}", "--nprocs", "1",
+             "--authkey-file", str(key_file), "--reconnect-window", "30"],
+            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    first = second = None
+    try:
+        first = _serve_one_worker_session(listener, key)
+        first.sendall(_nested_header())
+        _assert_closed_by_master(first, within=10)  # (closed by the worker, here)
+        second = _serve_one_worker_session(listener, key)  # it came back, as after any lost connection
+        assert worker.poll() is None
+    finally:
+        for sock in (first, second, listener):
+            if sock is not None:
+                sock.close()
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    text = log_path.read_text(errors="replace")
+    assert "Traceback" not in text and "Fatal error" not in text, text
+    closing = [line for line in text.splitlines() if "closing connection" in line]
+    assert len(closing) == 1 and "header" in closing[0], text
 
 
 def test_many_hostile_connections_at_once_do_not_disturb_a_running_map(cluster):
