@@ -337,7 +337,8 @@ class Master:
         h = msg.header
         t = msg.type
         if t == "submit":
-            tasks = P.decode_tasks(h["tasks"], msg.buffers, self._client_cache[cid])
+            # Verified: node caches, and the agents and task processes behind them, know blobs by hash alone.
+            tasks = P.decode_tasks(h["tasks"], msg.buffers, self._client_cache[cid], verify=True)
             self.scheduler.submit(cid, tasks)
         elif t == "cancel":
             self.scheduler.cancel(cid, int(h["req"]), [int(i) for i in h["ids"]])

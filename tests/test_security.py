@@ -7,6 +7,7 @@ sockets on 127.0.0.1. Whatever one connection sends, only that connection may su
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import stat
 import struct
@@ -629,6 +630,56 @@ def test_many_hostile_connections_at_once_do_not_disturb_a_running_map(cluster):
                 sock.close()
         assert list(results) == [x * x for x in range(200)]
         _assert_cluster_works(cluster, ex)
+
+
+def test_a_blob_sent_under_another_functions_hash_is_refused_and_cannot_poison_other_clients(cluster):
+    """A key holder sends other code under the content hash of math.factorial. The master checks each blob
+    against its hash before it caches or forwards it: the forger's connection is closed (its own alone), and
+    another client's map(math.factorial, ...) computes factorials, not the forger's values."""
+    import math
+
+    import cloudpickle
+
+    from clusterexec import serialization as S
+
+    key = cluster.key.encode()
+    honest_hash = S.function_blob(math.factorial).hash
+    forged = cloudpickle.dumps(lambda *args: "forged")
+    assert P.blob_hash(forged) != honest_hash
+    with cluster.executor() as bystander:
+        assert bystander.submit(square, 4).result(timeout=15) == 16
+        sock = _raw(cluster)
+        try:
+            peer = _peer_name(sock)
+            _authenticate(sock, key)
+            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "forger",
+                                         "python": platform.python_version(), "cloudpickle": cloudpickle.__version__}))
+            assert read_frame(sock).type == "welcome"
+            _wait_for_log(cluster, f"connected from {peer}")
+            offset = len(_log(cluster))
+            args = S.dumps(((5,), {}), "pickling the arguments")
+            sock.sendall(P.encode_bytes({"t": "submit", "tasks": [[1, [honest_hash], [1], len(args), None]]},
+                                        [forged, *args]))
+            # Without the check, the forged task runs on the worker node (which caches the blob by that
+            # hash) and its result comes back; with it, the master hangs up at once.
+            sock.settimeout(10)
+            reader = P.FrameReader()
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                for msg in reader.feed(data):
+                    assert msg.type != "results", f"the master ran a forged blob: {msg.header}"
+        except ConnectionResetError:
+            pass
+        finally:
+            sock.close()
+        line = _wait_for_log(cluster, peer, after=offset)
+        assert "does not match its hash" in line, line
+        with cluster.executor() as honest:
+            assert list(honest.map(math.factorial, range(12))) == [math.factorial(n) for n in range(12)]
+        assert list(bystander.map(math.factorial, range(12), chunksize=3)) == [math.factorial(n) for n in range(12)]
+        assert bystander.submit(square, 6).result(timeout=15) == 36
 
 
 def test_version_mismatch_in_the_handshake_is_rejected(cluster):
