@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import signal
 import socket
@@ -85,6 +86,9 @@ class _ResultLog:
 
     def unacked(self) -> list[Any]:
         return [result for result, _ in self.items]
+# At its open-files limit the master cannot accept; asyncio reports each failed accept (about a hundred a
+# second). One line per this many seconds says so instead.
+ACCEPT_FAILURE_LOG_INTERVAL = 10.0
 
 
 class Master:
@@ -125,6 +129,7 @@ class Master:
 
     async def start(self, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_AcceptFailures(self._loop.get_exception_handler()))
         factory = self._new_connection if self.ssl_context is None else self._new_gate
         self.server = await self._loop.create_server(factory, host, port, reuse_address=True)
         sockname = self.server.sockets[0].getsockname()
@@ -681,6 +686,57 @@ def _no_op(conn: FramedConnection) -> None:
     pass
 
 
+class _AcceptFailures:
+    """The loop's exception handler: asyncio's reports of failed accepts (out of file descriptors, or of
+    memory) become one log line per ACCEPT_FAILURE_LOG_INTERVAL; everything else goes where it went before.
+    (asyncio retries the accept a second later by itself.)"""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+        self.failed = 0
+        self.quiet_until = float("-inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") != self.MESSAGE or not isinstance(exc, OSError):
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.failed += 1
+        now = loop.time()
+        if now < self.quiet_until:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error("cannot accept new connections: %s (this process may open %d files); they wait in the "
+                  "listen queue, and accepting resumes as connections close (%d failed accepts since the previous "
+                  "such line, at most one every %g s). Raise the limit (ulimit -n) if this is legitimate load",
+                  exc.strerror or exc, soft, self.failed, ACCEPT_FAILURE_LOG_INTERVAL)
+        self.failed = 0
+        self.quiet_until = now + ACCEPT_FAILURE_LOG_INTERVAL
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit: each connection costs one, and
+    the default soft limit (often 1,024) is far below what a master serving many nodes and clients needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # Linux refuses a soft limit above fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = int(f.read())
+        except (OSError, ValueError):
+            return
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (OSError, ValueError) as e:
+        log.debug("could not raise the open-files limit from %d to %d: %s", soft, hard, e)
+
+
 class _TLSServerProtocol(sslproto.SSLProtocol):
     """asyncio's TLS protocol, except that a failed handshake sends its alert before the connection closes.
 
@@ -769,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     add_tls_arguments(parser, "this master's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    raise_open_files_limit()
     try:
         args.ssl_context = tls_from_arguments(args, server=True)
     except TLSConfigError as e:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import read_frame, recv_exact
+from conftest import read_frame, recv_exact, wait_until
 
 import clusterexec
 from clusterexec import AuthenticationError, ClusterExecutor, ClusterUnavailable, ProtocolError, VersionMismatch
@@ -792,6 +792,70 @@ def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(clu
     assert grown < 8 * 1024 * 1024, f"the master grew by {grown / 2**20:.1f} MiB over 180 bad connections"
     with cluster.executor() as ex:
         assert ex.submit(pow, 2, 5).result(timeout=10) == 32
+
+
+def _limit_open_files(soft: int, hard: int):
+    """A preexec_fn that starts a process with RLIMIT_NOFILE (soft, hard)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+@pytest.mark.timeout(60)
+def test_master_raises_its_soft_open_files_limit_to_the_hard_limit(tmp_path):
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_master(preexec_fn=_limit_open_files(64, 256))
+        assert _open_files_limit(cluster.master.pid) == (256, 256)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(90)
+def test_master_out_of_file_descriptors_logs_a_line_per_interval_and_serves_again_once_they_close(tmp_path):
+    """At its open-files limit a master cannot accept; asyncio then logged ~100 tracebacks a second. It must
+    say so in a line at most every interval, and accept again once connections close."""
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        cluster.start_master(preexec_fn=_limit_open_files(64, 64))
+        cluster.info()
+        offset = len(_log(cluster))
+        for _ in range(120):  # more than the master can hold open: some wait, unaccepted, in its backlog
+            socks.append(socket.create_connection(("127.0.0.1", cluster.port), timeout=5))
+        _wait_for_log(cluster, "open files", after=offset, within=20)
+        time.sleep(3.5)  # three of asyncio's one-second accept retries, all failing
+        held = _log(cluster)[offset:]
+        assert len(held.splitlines()) <= 3, f"{len(held.splitlines())} lines in 3.5 s:\n{held[:3000]}"
+        assert "Traceback" not in held
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        wait_until(lambda: _serves(cluster), timeout=20, what="the master to serve again")
+        assert cluster.master.poll() is None
+    finally:
+        for sock in socks:
+            sock.close()
+        cluster.stop()
+
+
+def _serves(cluster) -> bool:
+    try:
+        return "workers" in cluster.info()
+    except (OSError, ClusterUnavailable):
+        return False
 
 
 @pytest.mark.timeout(60)
