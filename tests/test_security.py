@@ -759,6 +759,44 @@ def test_connection_that_never_authenticates_is_closed_after_the_handshake_timeo
     _assert_cluster_works(cluster)
 
 
+@pytest.mark.timeout(60)
+def test_more_unauthenticated_connections_than_the_master_holds_close_the_oldest_and_keep_nobody_out(cluster):
+    """Past UNAUTHENTICATED_MAX connections that never answer the hello, each new one closes the oldest:
+    a real client still gets in at once, and the master says what it did."""
+    import resource
+
+    from clusterexec.connection import HANDSHAKE_TIMEOUT
+    from clusterexec.master import UNAUTHENTICATED_MAX
+
+    extra = 100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = UNAUTHENTICATED_MAX + extra + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"this test opens {need} connections; the open-files limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(UNAUTHENTICATED_MAX + extra):
+            socks.append(_raw(cluster))
+            if len(socks) == 1:
+                first_opened = time.monotonic()
+        for sock in (socks[0], socks[-1]):
+            recv_exact(sock, P.SERVER_HELLO.size)
+        with cluster.executor() as ex:  # authenticates within milliseconds, before anyone can push it out
+            assert ex.submit(square, 5).result(timeout=15) == 25
+        # Closed to make room, not by the handshake timeout (HANDSHAKE_TIMEOUT after it opened).
+        _assert_closed_by_master(socks[0], within=max(0.1, first_opened + HANDSHAKE_TIMEOUT - 1 - time.monotonic()))
+        socks[-1].settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the newest is still open (for HANDSHAKE_TIMEOUT)
+            socks[-1].recv(1)
+    finally:
+        for sock in socks:
+            sock.close()
+    line = _wait_for_log(cluster, "unauthenticated connections to make room")
+    assert int(line.split("closed ")[1].split()[0]) >= extra, line
+
+
 def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(cluster):
     import psutil
 
