@@ -868,7 +868,7 @@ class _TLSGate(asyncio.Protocol):
         self.handed: socket.socket | None = None  # the socket handed to a TLS handshake that has not begun
         self.tls_transport: asyncio.BaseTransport | None = None  # the TLS handshake's
         self.closed = False
-        self.want = 1  # bytes to peek at: the first, then a record header, then the whole record
+        self.want = 1  # bytes waited for: the first, then a record header, then the whole record
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()  # type: ignore[attr-defined]
@@ -892,23 +892,23 @@ class _TLSGate(asyncio.Protocol):
     def _readable(self) -> None:
         probe = self.probe
         try:
-            data = probe.recv(self.want, socket.MSG_PEEK)
+            data = probe.recv(TLS_RECORD_MAX, socket.MSG_PEEK)
         except OSError:
             data = b""
         if len(data) < self.want:  # readable, yet short: the peer hung up (or reset)
             self.close()
             return
-        if self.want == 1:
-            if data != b"\x16":
-                self._tls_required()
-                return
+        if data[0] != 0x16:
+            self._tls_required()
+            return
+        if len(data) < 5:
             self._wait_for(5)
-        elif self.want == 5:
-            size = 5 + int.from_bytes(data[3:5], "big")
-            if size > TLS_RECORD_MAX:
-                log.warning("rejected connection from %s: its first TLS record claims %d bytes", self.peer, size)
-                self.close()
-                return
+            return
+        size = 5 + int.from_bytes(data[3:5], "big")
+        if size > TLS_RECORD_MAX:
+            log.warning("rejected connection from %s: its first TLS record claims %d bytes", self.peer, size)
+            self.close()
+        elif len(data) < size:
             self._wait_for(size)
         else:  # the whole first record: over to asyncio's TLS (the first transport never read a byte)
             self._stop_waiting()

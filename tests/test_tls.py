@@ -406,6 +406,53 @@ def _stall(port: int, n: int) -> list[socket.socket]:
     return socks
 
 
+@pytest.mark.timeout(40)
+def test_a_clienthello_that_arrives_in_pieces_still_gets_its_handshake(tls_master):
+    """The master starts TLS only once the whole first record is there: a ClientHello that trickles in (a
+    byte, the rest of the record header, part of the body) waits for the rest rather than being refused."""
+    from clusterexec import protocol as P
+
+    key = tls_master.key.encode()
+    tls = tls_master.certs.context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_side=False)
+    with pytest.raises(ssl.SSLWantReadError):
+        session.do_handshake()
+    hello = outgoing.read()
+    with socket.create_connection(("127.0.0.1", tls_master.port), timeout=10) as sock:
+        for start, end in ((0, 1), (1, 5), (5, 60), (60, len(hello))):
+            sock.sendall(hello[start:end])
+            time.sleep(0.3)  # each piece in a segment of its own, the master waiting in between
+
+        def pump() -> None:
+            if pending := outgoing.read():
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            assert data, "the master closed the connection"
+            incoming.write(data)
+
+        while True:
+            try:
+                session.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                try:
+                    data += session.read(n - len(data))
+                except ssl.SSLWantReadError:
+                    pump()
+            return data
+
+        server_hello = read(P.SERVER_HELLO.size)
+        mine = P.new_challenge()
+        session.write(P.client_proof(key, server_hello, mine))
+        P.client_check(key, mine, read(P.SERVER_VERDICT_SIZE))  # the key handshake, inside TLS, succeeded
+
+
 @pytest.mark.timeout(150)
 def test_stalled_tls_handshakes_cost_the_master_little_keep_nobody_out_and_their_memory_comes_back(tls_cluster):
     """Peers that send part of a ClientHello and stall: the master must not spend memory on each (asyncio's
