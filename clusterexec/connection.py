@@ -75,6 +75,9 @@ class FramedConnection(asyncio.BufferedProtocol):
     # ------------------------------------------------------------------------------------------ asyncio
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.closed:  # failed before it was made (the master closed it to make room): nothing to do
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self.transport = transport  # type: ignore[assignment]
         # Kept: asyncio.get_running_loop() costs a getpid() system call on every call before Python 3.12.
         self._loop = asyncio.get_running_loop()

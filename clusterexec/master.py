@@ -6,7 +6,7 @@
                             │  → one flush per loop iteration │
                             └─────────────────────────────────┘
 
-With --tls-*, each new connection first meets a gate (`_tls_gate`): a TLS handshake against the cluster CA,
+With --tls-*, each new connection first meets a gate (`_TLSGate`): a TLS handshake against the cluster CA,
 or, for a peer that does not start TLS, a "TLS required" answer and the door. Then, in TLS or not, every
 connection authenticates (see `protocol`) and says hello with its role. Payloads are
 forwarded as the opaque buffers they arrived in; the master never unpickles anything. Output is coalesced:
@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import ctypes
+import gc
 import itertools
 import json
 import logging
 import os
 import platform
+import resource
 import secrets
 import signal
 import socket
@@ -33,13 +36,14 @@ import sys
 import time
 from asyncio import sslproto
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import __version__
 from . import protocol as P
 from .address import DEFAULT_PORT
 from .auth import MissingKeyError, TLSConfigError, add_tls_arguments, resolve_key, tls_from_arguments
-from .connection import HANDSHAKE_TIMEOUT, OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link, loop_is_idle
+from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link, loop_is_idle
 from .scheduler import Scheduler
 
 log = logging.getLogger("clusterexec.master")
@@ -48,6 +52,28 @@ log = logging.getLogger("clusterexec.master")
 # plaintext clusterexec client or worker (which waits for our hello in silence) and says TLS is required.
 # A TLS peer sends its ClientHello as soon as TCP connects, so this only needs to cover a stalled peer.
 TLS_SNIFF_TIMEOUT = 3.0
+
+# Unauthenticated connections (in the TLS or the key handshake) the master holds at once. One more closes the
+# oldest: a flood of peers that never authenticate costs at most this many connections' worth of memory, and
+# cannot keep out a real peer, whose handshakes take milliseconds (it would take this many new connections
+# within those milliseconds to push it out).
+UNAUTHENTICATED_MAX = 1024
+# Of those, how many may be in a TLS handshake at once, the oldest making room likewise: each holds OpenSSL's
+# handshake state. A peer gets that far only once its whole first TLS record (the ClientHello) has arrived;
+# until then it costs a socket and a few small objects, and it has TLS_SNIFF_TIMEOUT from its connect.
+TLS_HANDSHAKES_MAX = 64
+TLS_HANDSHAKE_TIMEOUT = 5.0
+TLS_RECORD_MAX = 5 + (1 << 14) + 2048  # a record's 5-byte header and its largest body
+# Bytes a TLS connection reads from its socket at a time until its peer has proved the key; then asyncio's
+# default (256 KiB, which each connection would otherwise hold from its first byte).
+TLS_PRE_AUTH_READ = 16 * 1024
+# After this many unauthenticated connections, the memory they took is handed back to the system once few are
+# left (at most once per TRIM_INTERVAL): a garbage collection first, since asyncio's transports are reference
+# cycles (each holds a bound method of its own), and with them the TLS state they hold; then malloc_trim, for
+# what the C allocator would otherwise keep. Without both the master stays near its peak.
+TRIM_AFTER = 256
+TRIM_INTERVAL = 10.0
+EVICTION_LOG_INTERVAL = 10.0
 
 # What a client that may resume its session (see Master._resume) can leave unconfirmed before it loses that
 # right: results sent, and their bytes. It confirms every half second or so (see client.ACK_EVERY).
@@ -87,6 +113,11 @@ class _ResultLog:
         return [result for result, _ in self.items]
 
 
+# At its open-files limit the master cannot accept; asyncio reports each failed accept (about a hundred a
+# second). One line per this many seconds says so instead.
+ACCEPT_FAILURE_LOG_INTERVAL = 10.0
+
+
 class Master:
     """Routes tasks from clients to worker nodes and results back. Runs inside an asyncio loop."""
 
@@ -96,8 +127,15 @@ class Master:
         self.key = key
         # A client whose machine no longer acknowledges our pings for this long is gone (see _unanswered_for).
         self.client_timeout = client_timeout
-        self.ssl_context = ssl_context  # TLS on every connection (see _tls_gate); None: plain TCP
-        self._gates: set[asyncio.Task] = set()
+        self.ssl_context = ssl_context  # TLS on every connection (see _TLSGate); None: plain TCP
+        self._tls_tasks: set[asyncio.Task] = set()  # TLS handshakes under way (see _tls_handshake)
+        # Connections that have not authenticated yet, oldest first, with how to close each (see _admit).
+        self._unauthenticated: dict[Any, Callable[[], None]] = {}
+        self._tls_handshakes: dict[Any, Callable[[], None]] = {}
+        self._admitted = 0  # unauthenticated connections since memory was last handed back
+        self._trim_quiet_until = float("-inf")
+        self._evicted = 0  # closed to make room, not yet logged
+        self._evicted_quiet_until = float("-inf")
         self.max_frame = max_frame
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
@@ -125,8 +163,10 @@ class Master:
 
     async def start(self, host: str = "0.0.0.0", port: int = DEFAULT_PORT) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
-        factory = self._new_connection if self.ssl_context is None else self._new_gate
-        self.server = await self._loop.create_server(factory, host, port, reuse_address=True)
+        self._loop.set_exception_handler(_AcceptFailures(self._loop.get_exception_handler()))
+        factory = self._new_plain_connection if self.ssl_context is None else self._new_gate
+        # (A deep listen queue: hundreds of nodes may connect at once, as a SLURM array starts.)
+        self.server = await self._loop.create_server(factory, host, port, reuse_address=True, backlog=1024)
         sockname = self.server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
@@ -143,8 +183,10 @@ class Master:
             self._beat.cancel()
         if self.server is not None:
             self.server.close()
-        for gate in list(self._gates):
-            gate.cancel()
+        for close in list(self._unauthenticated.values()):
+            close()
+        for task in list(self._tls_tasks):
+            task.cancel()
         for conn in [*self._client_conn.values(), *self._node_conn.values()]:
             conn.close()
 
@@ -155,73 +197,116 @@ class Master:
         mine.bind(_no_op, self._on_messages, self._on_lost)
         return theirs
 
-    def _new_connection(self) -> FramedConnection:
-        return FramedConnection(role="server", key=self.key, on_ready=_no_op,
+    def _new_connection(self, on_ready: Callable[[FramedConnection], None]) -> FramedConnection:
+        return FramedConnection(role="server", key=self.key, on_ready=on_ready,
                                 on_messages=self._on_messages, on_lost=self._on_lost, max_frame=self.max_frame)
+
+    def _new_plain_connection(self) -> FramedConnection:
+        conn = self._new_connection(self._authenticated)
+        self._admit(self._unauthenticated, UNAUTHENTICATED_MAX, conn, _evict(conn))
+        return conn
+
+    def _authenticated(self, conn: FramedConnection) -> None:
+        self._unauthenticated.pop(conn, None)
+
+    # ------------------------------------------------------------------------------------------ unauthenticated
+
+    def _admit(self, table: dict[Any, Callable[[], None]], limit: int, key: Any, close: Callable[[], None]) -> None:
+        """Count a connection in `table` (unauthenticated, or in a TLS handshake), closing the oldest there if
+        it is full. `close` closes it; whatever ends it takes it out of the table."""
+        while len(table) >= limit:
+            oldest = next(iter(table))
+            self._evicted += 1
+            table.pop(oldest)()
+        table[key] = close
+        if table is self._unauthenticated:
+            self._admitted += 1
+
+    def _check_unauthenticated(self, now: float) -> None:
+        """Once a beat: say how many unauthenticated connections were closed to make room (a line per
+        EVICTION_LOG_INTERVAL at most), and hand memory back after a burst of them."""
+        if self._evicted and now >= self._evicted_quiet_until:
+            log.warning("closed %d unauthenticated connections to make room for new ones (at most %d at once, %d "
+                        "of them in a TLS handshake): many peers are connecting without authenticating",
+                        self._evicted, UNAUTHENTICATED_MAX, TLS_HANDSHAKES_MAX)
+            self._evicted = 0
+            self._evicted_quiet_until = now + EVICTION_LOG_INTERVAL
+        if (self._admitted >= TRIM_AFTER and len(self._unauthenticated) <= TRIM_AFTER // 16
+                and now >= self._trim_quiet_until):
+            self._admitted = 0
+            self._trim_quiet_until = now + TRIM_INTERVAL
+            gc.collect()
+            _malloc_trim()
 
     # ------------------------------------------------------------------------------------------ TLS
 
     def _new_gate(self) -> _TLSGate:
         return _TLSGate(self)
 
-    async def _tls_gate(self, transport: asyncio.Transport) -> None:
-        """Look at the first bytes of a new connection to a TLS master, then start TLS or turn it away.
+    def _start_tls(self, gate: _TLSGate, sock: socket.socket) -> None:
+        """A gate saw a whole ClientHello on `sock`: run the TLS handshake, at most TLS_HANDSHAKES_MAX at once."""
+        task = self._loop.create_task(self._tls_handshake(gate, sock))
+        self._tls_tasks.add(task)
+        task.add_done_callback(self._tls_tasks.discard)
+        gate.task = task
+        self._admit(self._tls_handshakes, TLS_HANDSHAKES_MAX, gate, gate.close)
 
-        A TLS client speaks first (its ClientHello starts with 0x16); a clusterexec peer without TLS waits in
-        silence for our hello. So: a TLS record within TLS_SNIFF_TIMEOUT gets the handshake, anything else gets
-        `TLS_REQUIRED_HELLO`, which a plaintext clusterexec client or worker turns into "the master requires
-        TLS", and is closed. The bytes are only peeked at, through a duplicate of the socket, so the handshake
-        then runs on an untouched stream, in a transport of its own."""
+    async def _tls_handshake(self, gate: _TLSGate, sock: socket.socket) -> None:
+        """The TLS handshake against the cluster CA, in a transport of its own on `sock`, within
+        TLS_HANDSHAKE_TIMEOUT; then the connection authenticates with the key as any other. Until it has, it
+        reads TLS_PRE_AUTH_READ bytes at a time (see _TLSServerProtocol)."""
+        gate.handed = None  # ours to close from here on
         loop = self._loop
-        peer = _transport_peer(transport)
-        probe = transport.get_extra_info("socket").dup()
+        peer = gate.peer
+        tls_transport: asyncio.BaseTransport | None = None
+        protocol: _TLSServerProtocol | None = None
+
+        def authenticated(conn: FramedConnection) -> None:
+            self._authenticated(conn)
+            if protocol is not None:
+                protocol.authenticated()
+
+        handshake = loop.create_future()
         try:
-            readable = loop.create_future()
-            loop.add_reader(probe.fileno(), lambda: readable.done() or readable.set_result(None))
+            conn = self._new_connection(authenticated)
             try:
-                await asyncio.wait_for(readable, TLS_SNIFF_TIMEOUT)
-                first: bytes | None = probe.recv(1, socket.MSG_PEEK)
-            except TimeoutError:
-                first = None
-            except OSError:
-                first = b""
-            finally:
-                loop.remove_reader(probe.fileno())
-            if first == b"":
-                transport.abort()
-                return
-            if first != b"\x16":
-                log.warning("rejected connection from %s: it did not start TLS, which this master requires", peer)
-                transport.write(P.TLS_REQUIRED_HELLO)
-                transport.close()
-                return
-            # Hand the connection (the duplicate) to asyncio's TLS; the first transport never read a byte.
-            sock, probe = probe, None
-            transport.abort()
-            conn = self._new_connection()
-            handshake = loop.create_future()
-            try:
-                await loop.connect_accepted_socket(
+                tls_transport, protocol = await loop.connect_accepted_socket(
                     lambda: _TLSServerProtocol(loop, conn, self.ssl_context, handshake, server_side=True,
-                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT), sock)
+                                               ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT), sock)
+                sock = None
+                gate.tls_transport = tls_transport  # closing the gate now aborts it: the wait below ends
                 await handshake
             except (OSError, TimeoutError) as e:
                 if isinstance(e, ssl.SSLCertVerificationError):
                     why = f"its certificate is not signed by our CA ({e.verify_message})"
                 elif isinstance(e, ssl.SSLError):
                     why = e.reason or str(e)
+                elif isinstance(e, ConnectionAbortedError):
+                    why = str(e)
                 elif isinstance(e, ConnectionError):
                     why = "it hung up (does it trust our certificate? its --tls-ca must be our CA)"
                 else:
                     why = str(e) or type(e).__name__
                 log.warning("rejected connection from %s: TLS handshake failed: %s", peer, why)
-                sock.close()
                 return
             if conn.transport is None:
-                log.info("connection from %s closed during the TLS handshake", peer)
+                if not gate.closed:  # (closed to make room: counted, and said once per interval)
+                    log.info("connection from %s closed during the TLS handshake", peer)
+            elif not conn.ready and not conn.closed:  # counted as itself from now on, until it authenticates
+                self._unauthenticated.pop(gate, None)
+                self._admit(self._unauthenticated, UNAUTHENTICATED_MAX, conn, _evict(conn))
+            tls_transport = None  # the connection's own now
         finally:
-            if probe is not None:
-                probe.close()
+            self._tls_handshakes.pop(gate, None)
+            self._unauthenticated.pop(gate, None)
+            if sock is not None:
+                sock.close()
+            if tls_transport is not None:
+                tls_transport.abort()
+            # No reference cycles left behind (gate and task; this frame, the future and the exception in
+            # it): what a failed handshake held goes when it ends, not at the next full garbage collection.
+            gate.task = gate.tls_transport = None
+            handshake = None
 
     # ------------------------------------------------------------------------------------------ input
 
@@ -337,7 +422,8 @@ class Master:
         h = msg.header
         t = msg.type
         if t == "submit":
-            tasks = P.decode_tasks(h["tasks"], msg.buffers, self._client_cache[cid])
+            # Verified: node caches, and the agents and task processes behind them, know blobs by hash alone.
+            tasks = P.decode_tasks(h["tasks"], msg.buffers, self._client_cache[cid], verify=True)
             self.scheduler.submit(cid, tasks)
         elif t == "cancel":
             self.scheduler.cancel(cid, int(h["req"]), [int(i) for i in h["ids"]])
@@ -410,6 +496,7 @@ class Master:
 
     def _on_lost(self, conn: FramedConnection, exc: BaseException | None) -> None:
         if not conn.state:
+            self._unauthenticated.pop(conn, None)
             return
         kind, ident = conn.state
         if kind == "client":
@@ -473,6 +560,7 @@ class Master:
                 self.scheduler.dirty_clients.add(client)
                 self._schedule_flush()
         self._check_stranded(now)
+        self._check_unauthenticated(now)
         self._beat = self._loop.call_later(self.heartbeat_interval, self._heartbeat)
 
     def _check_stranded(self, now: float) -> None:
@@ -680,11 +768,72 @@ def _no_op(conn: FramedConnection) -> None:
     pass
 
 
-class _TLSServerProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol, except that a failed handshake sends its alert before the connection closes.
+class _AcceptFailures:
+    """The loop's exception handler: asyncio's reports of failed accepts (out of file descriptors, or of
+    memory) become one log line per ACCEPT_FAILURE_LOG_INTERVAL; everything else goes where it went before.
+    (asyncio retries the accept a second later by itself.)"""
 
-    asyncio drops it, so a peer whose certificate we refuse would only see the connection close after its
-    side of a TLS 1.3 handshake had completed, with no reason; with the alert it reports "unknown ca"."""
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, previous: Any):
+        self.previous = previous
+        self.failed = 0
+        self.quiet_until = float("-inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") != self.MESSAGE or not isinstance(exc, OSError):
+            if self.previous is not None:
+                self.previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.failed += 1
+        now = loop.time()
+        if now < self.quiet_until:
+            return
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        log.error("cannot accept new connections: %s (this process may open %d files); they wait in the "
+                  "listen queue, and accepting resumes as connections close (%d failed accepts since the previous "
+                  "such line, at most one every %g s). Raise the limit (ulimit -n) if this is legitimate load",
+                  exc.strerror or exc, soft, self.failed, ACCEPT_FAILURE_LOG_INTERVAL)
+        self.failed = 0
+        self.quiet_until = now + ACCEPT_FAILURE_LOG_INTERVAL
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit on open files to its hard limit: each connection costs one, and
+    the default soft limit (often 1,024) is far below what a master serving many nodes and clients needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # Linux refuses a soft limit above fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                hard = int(f.read())
+        except (OSError, ValueError):
+            return
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    except (OSError, ValueError) as e:
+        log.debug("could not raise the open-files limit from %d to %d: %s", soft, hard, e)
+
+
+class _TLSServerProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol, except that:
+
+    - a failed handshake sends its alert before the connection closes. asyncio drops it, so a peer whose
+      certificate we refuse would only see the connection close after its side of a TLS 1.3 handshake had
+      completed, with no reason; with the alert it reports "unknown ca".
+    - until its peer has proved the key, it reads TLS_PRE_AUTH_READ bytes at a time, into a buffer that
+      small, rather than asyncio's 256 KiB from the first byte on (see `authenticated`)."""
+
+    max_size = TLS_PRE_AUTH_READ
+
+    def authenticated(self) -> None:
+        """The peer has proved the key: read as much at a time as asyncio does (the buffer grows on the
+        next read)."""
+        self.max_size = sslproto.SSLProtocol.max_size
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None:
@@ -696,16 +845,154 @@ class _TLSServerProtocol(sslproto.SSLProtocol):
 
 
 class _TLSGate(asyncio.Protocol):
-    """The first protocol of a connection to a TLS master: it reads nothing and hands over to `_tls_gate`."""
+    """The first protocol of a connection to a TLS master: it looks at the first bytes, then starts TLS or
+    turns the connection away. It never reads: it peeks, through a duplicate of the socket, so that the
+    handshake then runs on an untouched stream, in a transport of its own (see Master._tls_handshake).
+
+    A TLS client speaks first (its ClientHello starts with 0x16); a clusterexec peer without TLS waits in
+    silence for our hello. So: no byte within TLS_SNIFF_TIMEOUT, or a first byte that does not start a TLS
+    record, gets `TLS_REQUIRED_HELLO` (a plaintext clusterexec client or worker turns it into "the master
+    requires TLS") and the door. A TLS record gets the handshake once it has arrived whole, within the same
+    TLS_SNIFF_TIMEOUT: a peer that sends part of a ClientHello and stalls costs a socket and this object,
+    never TLS state. Waiting is callbacks, not a task, to keep that small; SO_RCVLOWAT makes the socket
+    readable only once the bytes waited for are all there (or the peer has gone)."""
 
     def __init__(self, master: Master):
         self.master = master
+        self.loop = master._loop
+        self.peer = "?"
+        self.transport: asyncio.BaseTransport | None = None
+        self.probe: socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.task: asyncio.Task | None = None
+        self.handed: socket.socket | None = None  # the socket handed to a TLS handshake that has not begun
+        self.tls_transport: asyncio.BaseTransport | None = None  # the TLS handshake's
+        self.closed = False
+        self.want = 1  # bytes waited for: the first, then a record header, then the whole record
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()  # type: ignore[attr-defined]
-        task = self.master._loop.create_task(self.master._tls_gate(transport))  # type: ignore[arg-type]
-        self.master._gates.add(task)
-        task.add_done_callback(self.master._gates.discard)
+        self.transport = transport
+        self.peer = _transport_peer(transport)
+        master = self.master
+        master._admit(master._unauthenticated, UNAUTHENTICATED_MAX, self, self.close)
+        try:
+            self.probe = transport.get_extra_info("socket").dup()
+        except OSError as e:  # out of file descriptors: the accepts that fail next say so (_AcceptFailures)
+            log.debug("closing connection from %s: %s", self.peer, e)
+            self.close()
+            return
+        self.loop.add_reader(self.probe.fileno(), self._readable)
+        self.timer = self.loop.call_later(TLS_SNIFF_TIMEOUT, self._timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.probe is not None:  # (not once handed on)
+            self.close()
+
+    def _readable(self) -> None:
+        probe = self.probe
+        try:
+            data = probe.recv(TLS_RECORD_MAX, socket.MSG_PEEK)
+        except OSError:
+            data = b""
+        if len(data) < self.want:  # readable, yet short: the peer hung up (or reset)
+            self.close()
+            return
+        if data[0] != 0x16:
+            self._tls_required()
+            return
+        if len(data) < 5:
+            self._wait_for(5)
+            return
+        size = 5 + int.from_bytes(data[3:5], "big")
+        if size > TLS_RECORD_MAX:
+            log.warning("rejected connection from %s: its first TLS record claims %d bytes", self.peer, size)
+            self.close()
+        elif len(data) < size:
+            self._wait_for(size)
+        else:  # the whole first record: over to asyncio's TLS (the first transport never read a byte)
+            self._stop_waiting()
+            self.probe, self.handed = None, probe
+            self.transport.abort()  # type: ignore[attr-defined]
+            self.master._start_tls(self, probe)
+
+    def _wait_for(self, n: int) -> None:
+        self.want = n
+        try:
+            self.probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+        except OSError:
+            self.close()
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if self.want == 1:
+            self._tls_required()
+        else:
+            log.info("closing connection from %s: no whole TLS ClientHello within %g s", self.peer,
+                     TLS_SNIFF_TIMEOUT)
+            self.close()
+
+    def _tls_required(self) -> None:
+        log.warning("rejected connection from %s: it did not start TLS, which this master requires", self.peer)
+        self._stop_waiting()
+        self.transport.write(P.TLS_REQUIRED_HELLO)  # type: ignore[attr-defined]
+        self.transport.close()
+        self._forget()
+
+    def _stop_waiting(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.probe is not None:
+            self.loop.remove_reader(self.probe.fileno())
+            try:
+                self.probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+            except OSError:
+                pass
+
+    def _forget(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+            self.probe = None
+        self.master._unauthenticated.pop(self, None)
+
+    def close(self) -> None:
+        """Close the connection, wherever it is in the gate or the TLS handshake (also to make room)."""
+        self.closed = True
+        self._stop_waiting()
+        self._forget()
+        if self.transport is not None:
+            self.transport.abort()  # type: ignore[attr-defined]
+        if self.tls_transport is not None:  # in the handshake: its end ends the task
+            self.tls_transport.abort()  # type: ignore[attr-defined]
+        elif self.task is not None:
+            self.task.cancel()  # (a task cancelled before it began never runs its clean-up: hence `handed`)
+            self.task = None
+        if self.handed is not None:
+            self.handed.close()
+            self.handed = None
+
+
+def _evict(conn: FramedConnection) -> Callable[[], None]:
+    """How to close an unauthenticated connection to make room for a new one."""
+    return lambda: conn.fail(ConnectionAbortedError("too many unauthenticated connections"), abort=True)
+
+
+_trim: Any = None
+
+
+def _malloc_trim() -> None:
+    """Hand memory the C allocator keeps in its free lists back to the system (glibc only)."""
+    global _trim
+    if _trim is None:
+        try:
+            _trim = ctypes.CDLL(None).malloc_trim
+            _trim.argtypes = [ctypes.c_size_t]
+            _trim.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
 
 
 def _transport_peer(transport: asyncio.BaseTransport) -> str:
@@ -768,6 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
     add_tls_arguments(parser, "this master's")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    raise_open_files_limit()
     try:
         args.ssl_context = tls_from_arguments(args, server=True)
     except TLSConfigError as e:

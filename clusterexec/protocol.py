@@ -321,6 +321,8 @@ class FrameReader:
             header = json.loads(bytes(frame[:head_len]))
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"frame header is not JSON: {e}") from None
+        except RecursionError:  # nested deeper than the parser recurses: no header we send is
+            raise ProtocolError("frame header is nested too deep") from None
         if not isinstance(header, dict) or not isinstance(header.get("t"), str):
             raise ProtocolError("frame header has no message type")
         view = memoryview(frame)
@@ -447,8 +449,12 @@ def encode_tasks(tasks: Iterable[tuple[int, Task]], sent: BlobLRU) -> tuple[list
 SMALL_BUFFER = 4096  # a task's buffers smaller than this are copied out of their frame (see decode_tasks)
 
 
-def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> list[Task]:
+def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU, *, verify: bool = False) -> list[Task]:
     """Inverse of `encode_tasks`; raises `ProtocolError` for malformed entries or unknown blobs.
+
+    `verify`: check each blob that arrives against the hash it is sent under (the master does, for what
+    clients send). Blobs are cached and forwarded by hash, so a blob sent under another's hash would
+    otherwise stand in for that blob wherever the hash is known: on a worker node, for another client.
 
     Queued tasks are many, so each should be small: tasks share one `Blob` object per blob (the cache
     keeps it), and a small buffer is copied out of its frame (a `bytes` of a few dozen bytes is smaller than
@@ -462,6 +468,8 @@ def decode_tasks(entries: Any, buffers: list[memoryview], cache: BlobLRU) -> lis
                 if is_inline:
                     data = buffers[pos]
                     pos += 1
+                    if verify and blob_hash(data) != h:
+                        raise ProtocolError(f"a blob sent under hash {str(h)[:40]!r} does not match its hash")
                     cache.add(h, data.nbytes, Blob(h, data))
                 elif not cache.touch(h):
                     raise ProtocolError(f"task refers to blob {h} that was never sent")

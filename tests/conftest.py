@@ -59,12 +59,12 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start_master(self, port: int = 0, *extra: str) -> subprocess.Popen:
+    def start_master(self, port: int = 0, *extra: str, preexec_fn=None) -> subprocess.Popen:
         log = open(self.log_dir / "master.log", "ab")
         self.master = subprocess.Popen(
             [sys.executable, "-m", "clusterexec.master", "--host", "127.0.0.1", "--port", str(port),
              "--authkey-file", str(self.key_file), *extra],
-            stdout=subprocess.PIPE, stderr=log, env=_env())
+            stdout=subprocess.PIPE, stderr=log, env=_env(), preexec_fn=preexec_fn)
         line = self.master.stdout.readline().decode()
         m = re.search(r"listening on [\d.]+:(\d+)", line)
         if not m:

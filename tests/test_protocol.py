@@ -193,6 +193,22 @@ def test_a_task_referring_to_an_unknown_blob_is_a_protocol_error():
         P.decode_tasks(entries, [], P.BlobLRU())
 
 
+def test_a_verifying_reader_refuses_a_blob_sent_under_another_blobs_hash_and_caches_nothing_of_it():
+    honest, forged = b"the function everyone uses", b"other code"
+    cache = P.BlobLRU()
+    with pytest.raises(P.ProtocolError, match="does not match its hash"):
+        P.decode_tasks([[1, [P.blob_hash(honest)], [1], 0, None]], [memoryview(forged)], cache, verify=True)
+    assert P.blob_hash(honest) not in cache
+    tasks = P.decode_tasks([[1, [P.blob_hash(honest)], [1], 0, None]], [memoryview(honest)], cache, verify=True)
+    assert bytes(tasks[0].deps[0].data) == honest
+
+
+def test_nesting_deeper_than_the_json_parser_recurses_is_a_protocol_error():
+    head = b'{"t":"x","y":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(P.ProtocolError, match="nested too deep"):
+        P.FrameReader().feed(struct.pack("!HI", 0, len(head)) + head)
+
+
 @pytest.mark.parametrize("entries,nbufs", [
     ([[1, [], [], 5, None]], 1),   # claims more buffers than present
     ([[1, [], [], 0, None]], 1),   # leaves a buffer unclaimed

@@ -7,6 +7,7 @@ sockets on 127.0.0.1. Whatever one connection sends, only that connection may su
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import stat
 import struct
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import read_frame, recv_exact
+from conftest import read_frame, recv_exact, wait_until
 
 import clusterexec
 from clusterexec import AuthenticationError, ClusterExecutor, ClusterUnavailable, ProtocolError, VersionMismatch
@@ -502,6 +503,17 @@ def _client_sends_cancel_without_fields(sock, key):
     sock.sendall(P.encode_bytes({"t": "cancel"}))
 
 
+def _nested_header(depth: int = 200_000) -> bytes:
+    """A frame whose JSON header nests `depth` lists deep: too deep for Python's JSON parser to recurse."""
+    head = b'{"t":"submit","tasks":' + b"[" * depth + b"]" * depth + b"}"
+    return struct.pack("!HI", 0, len(head)) + head
+
+
+@_after_hello
+def _client_sends_a_header_nested_200000_deep(sock, key):
+    sock.sendall(_nested_header())
+
+
 _CASES = [
     _pre_auth_random_bytes,
     _pre_auth_random_bytes_without_reading_the_hello,
@@ -542,6 +554,62 @@ def test_malformed_input_closes_that_connection_alone_and_is_logged(cluster, cas
         _assert_cluster_works(cluster, bystander)
 
 
+def _serve_one_worker_session(listener: socket.socket, key: bytes) -> socket.socket:
+    """Accept a worker node on `listener`, authenticate it as a master would, and welcome its hello."""
+    sock, _ = listener.accept()
+    sock.settimeout(10)
+    challenge = P.new_challenge()
+    sock.sendall(P.server_hello(challenge))
+    verdict = P.server_check(key, challenge, recv_exact(sock, P.CLIENT_PROOF.size))
+    assert verdict.startswith(P.VERDICT_OK)
+    sock.sendall(verdict)
+    hello = read_frame(sock)
+    assert hello.header["role"] == "worker"
+    sock.sendall(P.encode_bytes({"t": "welcome", "id": 1, "heartbeat": [1.0, 30.0], "max_frame": 1 << 20}))
+    return sock
+
+
+@pytest.mark.timeout(60)
+def test_worker_closes_a_master_connection_whose_header_nests_too_deep_and_reconnects(tmp_path):
+    """A header nested 200,000 deep is a malformed frame like any other: the node agent closes that
+    connection with one log line, no traceback, and reconnects."""
+    key = b"a-key-for-the-fake-master"
+    key_file = tmp_path / "key"
+    key_file.write_bytes(key)
+    key_file.chmod(0o600)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(30)
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "clusterexec.worker", f"127.0.0.1:{listener.getsockname()[1]}", "--nprocs", "1",
+             "--authkey-file", str(key_file), "--reconnect-window", "30"],
+            stdout=log, stderr=subprocess.STDOUT, env=_env())
+    first = second = None
+    try:
+        first = _serve_one_worker_session(listener, key)
+        first.sendall(_nested_header())
+        _assert_closed_by_master(first, within=10)  # (closed by the worker, here)
+        second = _serve_one_worker_session(listener, key)  # it came back, as after any lost connection
+        assert worker.poll() is None
+    finally:
+        for sock in (first, second, listener):
+            if sock is not None:
+                sock.close()
+        worker.terminate()
+        try:
+            worker.wait(10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    text = log_path.read_text(errors="replace")
+    assert "Traceback" not in text and "Fatal error" not in text, text
+    closing = [line for line in text.splitlines() if "closing connection" in line]
+    assert len(closing) == 1 and "header" in closing[0], text
+
+
 def test_many_hostile_connections_at_once_do_not_disturb_a_running_map(cluster):
     key = cluster.key.encode()
     with cluster.executor() as ex:
@@ -562,6 +630,56 @@ def test_many_hostile_connections_at_once_do_not_disturb_a_running_map(cluster):
                 sock.close()
         assert list(results) == [x * x for x in range(200)]
         _assert_cluster_works(cluster, ex)
+
+
+def test_a_blob_sent_under_another_functions_hash_is_refused_and_cannot_poison_other_clients(cluster):
+    """A key holder sends other code under the content hash of math.factorial. The master checks each blob
+    against its hash before it caches or forwards it: the forger's connection is closed (its own alone), and
+    another client's map(math.factorial, ...) computes factorials, not the forger's values."""
+    import math
+
+    import cloudpickle
+
+    from clusterexec import serialization as S
+
+    key = cluster.key.encode()
+    honest_hash = S.function_blob(math.factorial).hash
+    forged = cloudpickle.dumps(lambda *args: "forged")
+    assert P.blob_hash(forged) != honest_hash
+    with cluster.executor() as bystander:
+        assert bystander.submit(square, 4).result(timeout=15) == 16
+        sock = _raw(cluster)
+        try:
+            peer = _peer_name(sock)
+            _authenticate(sock, key)
+            sock.sendall(P.encode_bytes({"t": "hello", "role": "client", "name": "forger",
+                                         "python": platform.python_version(), "cloudpickle": cloudpickle.__version__}))
+            assert read_frame(sock).type == "welcome"
+            _wait_for_log(cluster, f"connected from {peer}")
+            offset = len(_log(cluster))
+            args = S.dumps(((5,), {}), "pickling the arguments")
+            sock.sendall(P.encode_bytes({"t": "submit", "tasks": [[1, [honest_hash], [1], len(args), None]]},
+                                        [forged, *args]))
+            # Without the check, the forged task runs on the worker node (which caches the blob by that
+            # hash) and its result comes back; with it, the master hangs up at once.
+            sock.settimeout(10)
+            reader = P.FrameReader()
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                for msg in reader.feed(data):
+                    assert msg.type != "results", f"the master ran a forged blob: {msg.header}"
+        except ConnectionResetError:
+            pass
+        finally:
+            sock.close()
+        line = _wait_for_log(cluster, peer, after=offset)
+        assert "does not match its hash" in line, line
+        with cluster.executor() as honest:
+            assert list(honest.map(math.factorial, range(12))) == [math.factorial(n) for n in range(12)]
+        assert list(bystander.map(math.factorial, range(12), chunksize=3)) == [math.factorial(n) for n in range(12)]
+        assert bystander.submit(square, 6).result(timeout=15) == 36
 
 
 def test_version_mismatch_in_the_handshake_is_rejected(cluster):
@@ -641,6 +759,44 @@ def test_connection_that_never_authenticates_is_closed_after_the_handshake_timeo
     _assert_cluster_works(cluster)
 
 
+@pytest.mark.timeout(60)
+def test_more_unauthenticated_connections_than_the_master_holds_close_the_oldest_and_keep_nobody_out(cluster):
+    """Past UNAUTHENTICATED_MAX connections that never answer the hello, each new one closes the oldest:
+    a real client still gets in at once, and the master says what it did."""
+    import resource
+
+    from clusterexec.connection import HANDSHAKE_TIMEOUT
+    from clusterexec.master import UNAUTHENTICATED_MAX
+
+    extra = 100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = UNAUTHENTICATED_MAX + extra + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"this test opens {need} connections; the open-files limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(UNAUTHENTICATED_MAX + extra):
+            socks.append(_raw(cluster))
+            if len(socks) == 1:
+                first_opened = time.monotonic()
+        for sock in (socks[0], socks[-1]):
+            recv_exact(sock, P.SERVER_HELLO.size)
+        with cluster.executor() as ex:  # authenticates within milliseconds, before anyone can push it out
+            assert ex.submit(square, 5).result(timeout=15) == 25
+        # Closed to make room, not by the handshake timeout (HANDSHAKE_TIMEOUT after it opened).
+        _assert_closed_by_master(socks[0], within=max(0.1, first_opened + HANDSHAKE_TIMEOUT - 1 - time.monotonic()))
+        socks[-1].settimeout(0.2)
+        with pytest.raises(TimeoutError):  # the newest is still open (for HANDSHAKE_TIMEOUT)
+            socks[-1].recv(1)
+    finally:
+        for sock in socks:
+            sock.close()
+    line = _wait_for_log(cluster, "unauthenticated connections to make room")
+    assert int(line.split("closed ")[1].split()[0]) >= extra, line
+
+
 def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(cluster):
     import psutil
 
@@ -674,6 +830,70 @@ def test_master_memory_stays_bounded_under_a_stream_of_malformed_connections(clu
     assert grown < 8 * 1024 * 1024, f"the master grew by {grown / 2**20:.1f} MiB over 180 bad connections"
     with cluster.executor() as ex:
         assert ex.submit(pow, 2, 5).result(timeout=10) == 32
+
+
+def _limit_open_files(soft: int, hard: int):
+    """A preexec_fn that starts a process with RLIMIT_NOFILE (soft, hard)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+@pytest.mark.timeout(60)
+def test_master_raises_its_soft_open_files_limit_to_the_hard_limit(tmp_path):
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    try:
+        cluster.start_master(preexec_fn=_limit_open_files(64, 256))
+        assert _open_files_limit(cluster.master.pid) == (256, 256)
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.timeout(90)
+def test_master_out_of_file_descriptors_logs_a_line_per_interval_and_serves_again_once_they_close(tmp_path):
+    """At its open-files limit a master cannot accept; asyncio then logged ~100 tracebacks a second. It must
+    say so in a line at most every interval, and accept again once connections close."""
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path)
+    socks: list[socket.socket] = []
+    try:
+        cluster.start_master(preexec_fn=_limit_open_files(64, 64))
+        cluster.info()
+        offset = len(_log(cluster))
+        for _ in range(120):  # more than the master can hold open: some wait, unaccepted, in its backlog
+            socks.append(socket.create_connection(("127.0.0.1", cluster.port), timeout=5))
+        _wait_for_log(cluster, "open files", after=offset, within=20)
+        time.sleep(3.5)  # three of asyncio's one-second accept retries, all failing
+        held = _log(cluster)[offset:]
+        assert len(held.splitlines()) <= 3, f"{len(held.splitlines())} lines in 3.5 s:\n{held[:3000]}"
+        assert "Traceback" not in held
+        for sock in socks:
+            sock.close()
+        socks.clear()
+        wait_until(lambda: _serves(cluster), timeout=20, what="the master to serve again")
+        assert cluster.master.poll() is None
+    finally:
+        for sock in socks:
+            sock.close()
+        cluster.stop()
+
+
+def _serves(cluster) -> bool:
+    try:
+        return "workers" in cluster.info()
+    except (OSError, ClusterUnavailable):
+        return False
 
 
 @pytest.mark.timeout(60)

@@ -377,6 +377,133 @@ def test_many_tls_clients_at_once(tls_cluster):
     assert results == [[x * x for x in range(30)]] * 6
 
 
+# The first 7 bytes of a ClientHello: a TLS record header announcing 512 bytes, then 2 of them.
+PARTIAL_CLIENT_HELLO = b"\x16\x03\x01\x02\x00\x01\x00"
+
+
+def _listen_queue(port: int) -> int | None:
+    """Connections waiting in the kernel for the listener on 127.0.0.1:`port` to accept them."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        if state == "0A" and int(local.split(":")[1], 16) == port:  # LISTEN: rx_queue is the accept queue
+            return int(queues.split(":")[1], 16)
+    return None
+
+
+def _stall(port: int, n: int) -> list[socket.socket]:
+    """`n` connections that each send part of a ClientHello and then nothing."""
+    socks = []
+    try:
+        for _ in range(n):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            socks.append(sock)
+            sock.sendall(PARTIAL_CLIENT_HELLO)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+@pytest.mark.timeout(40)
+def test_a_clienthello_that_arrives_in_pieces_still_gets_its_handshake(tls_master):
+    """The master starts TLS only once the whole first record is there: a ClientHello that trickles in (a
+    byte, the rest of the record header, part of the body) waits for the rest rather than being refused."""
+    from clusterexec import protocol as P
+
+    key = tls_master.key.encode()
+    tls = tls_master.certs.context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_side=False)
+    with pytest.raises(ssl.SSLWantReadError):
+        session.do_handshake()
+    hello = outgoing.read()
+    with socket.create_connection(("127.0.0.1", tls_master.port), timeout=10) as sock:
+        for start, end in ((0, 1), (1, 5), (5, 60), (60, len(hello))):
+            sock.sendall(hello[start:end])
+            time.sleep(0.3)  # each piece in a segment of its own, the master waiting in between
+
+        def pump() -> None:
+            if pending := outgoing.read():
+                sock.sendall(pending)
+            data = sock.recv(65536)
+            assert data, "the master closed the connection"
+            incoming.write(data)
+
+        while True:
+            try:
+                session.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                try:
+                    data += session.read(n - len(data))
+                except ssl.SSLWantReadError:
+                    pump()
+            return data
+
+        server_hello = read(P.SERVER_HELLO.size)
+        mine = P.new_challenge()
+        session.write(P.client_proof(key, server_hello, mine))
+        P.client_check(key, mine, read(P.SERVER_VERDICT_SIZE))  # the key handshake, inside TLS, succeeded
+
+
+@pytest.mark.timeout(150)
+def test_stalled_tls_handshakes_cost_the_master_little_keep_nobody_out_and_their_memory_comes_back(tls_cluster):
+    """Peers that send part of a ClientHello and stall: the master must not spend memory on each (asyncio's
+    TLS gave each a 256 KiB buffer from its first byte, 300 MB per 1,000, kept after they left), a real
+    client must still get in while they hang on, and what they cost must come back once they are gone."""
+    import resource
+
+    import psutil
+
+    stalled = 1500
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < stalled + 200:
+        if hard != resource.RLIM_INFINITY and hard < stalled + 200:
+            pytest.skip(f"this test opens {stalled} connections; the open-files limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (stalled + 200, hard))
+    port = tls_cluster.port
+    master = psutil.Process(tls_cluster.master.pid)
+    # What a handshake allocates once (and a first burst leaves in the allocator's pools) is not per peer.
+    with tls_cluster.executor() as ex:
+        assert ex.submit(square, 3).result(timeout=20) == 9
+    fds = master.num_fds()
+    warm = _stall(port, 300)
+    for sock in warm:
+        sock.close()
+    wait_until(lambda: master.num_fds() <= fds, timeout=20, what="the master to close the first burst")
+    before = master.memory_info().rss
+    socks = _stall(port, stalled)
+    try:
+        wait_until(lambda: _listen_queue(port) == 0, timeout=20, what="the master to accept them all")
+        during = master.memory_info().rss
+        with tls_cluster.executor() as ex:  # a real client, while they hang on
+            assert ex.submit(square, 7).result(timeout=30) == 49
+            # (They are held for 3 s, TLS_SNIFF_TIMEOUT; all this takes a fraction of a second.)
+            held = master.num_fds() - fds
+        during = max(during, master.memory_info().rss)
+    finally:
+        for sock in socks:
+            sock.close()
+    grown = (during - before) / 2**20
+    assert grown < 32, f"the master grew by {grown:.0f} MiB for {stalled} stalled TLS handshakes"
+    assert held > 1000, f"the stalled handshakes were gone before the client came ({held} descriptors left)"
+    # More than it holds at once: the oldest made room, and said so.
+    wait_until(lambda: "unauthenticated connections to make room" in tls_cluster.master_log(), timeout=10,
+               what="the master to say it closed some")
+    wait_until(lambda: master.num_fds() <= fds, timeout=20, what="the master to close them all")
+    wait_until(lambda: master.memory_info().rss - before < 8 << 20, timeout=20,
+               what="the master's memory to come back")
+    with tls_cluster.executor() as ex:
+        assert ex.submit(square, 8).result(timeout=20) == 64
+
+
 @pytest.mark.timeout(30)
 def test_connecting_to_nothing_with_tls_is_still_cluster_unavailable(certs):
     with socket.socket() as s:
