@@ -195,7 +195,7 @@ def test_every_task_option_the_client_writes_is_accepted():
                                                               "mtpc": 3, "init": 1, "out": 0, "chunk": 2, "shm": [1],
                                                               "byval": ["mymod"]})])
     assert deliveries(s, 1) == []
-    assert s.queued() == 1
+    assert len(s.clients[1].queue) == 1
 
 
 def test_cancel_of_a_prefetched_task_asks_the_node_and_answers_when_it_replies():
