@@ -91,8 +91,8 @@ class PartialChunk:
 
 
 class _Condition(threading.Condition):
-    """A Future's Condition without the five bound methods of its lock that threading.Condition stores in
-    each instance: a Future is made per task, and while thousands are pending the garbage collector
+    """A Future's Condition without the bound methods of its lock that threading.Condition stores in each
+    instance (five, six from Python 3.14 with locked()): a Future is made per task, and while thousands are pending the garbage collector
     traverses every one of those objects again and again."""
 
     hook = None  # the Future of a task on a borrowed process: called when anyone but result() looks at it
@@ -106,10 +106,10 @@ class _Condition(threading.Condition):
             self.hook()
         return self._lock.__enter__()
 
-    def acquire(self, *args: Any) -> bool:
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:  # RLock.acquire's signature
         if self.hook is not None:  # (wait() and as_completed() acquire, the Future's own methods enter)
             self.hook()
-        return self._lock.acquire(*args)
+        return self._lock.acquire(blocking, timeout)
 
     def release(self) -> None:
         self._lock.release()
@@ -122,6 +122,11 @@ class _Condition(threading.Condition):
 
     def _is_owned(self) -> bool:
         return self._lock._is_owned()
+
+    if hasattr(threading.RLock(), "locked"):  # Python 3.14: a Condition's locked() is its lock's
+
+        def locked(self) -> bool:
+            return self._lock.locked()
 
 
 class ClusterFuture(Future):

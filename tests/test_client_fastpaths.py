@@ -13,6 +13,7 @@ import functools
 import gc
 import math
 import pickle
+import sys
 import threading
 import time
 import weakref
@@ -264,8 +265,27 @@ def test_map_progress_bar_counts_every_item(ex, monkeypatch):
 def test_cluster_future_sets_what_future_sets():
     assert set(vars(Future())) | {"_cx_record"} == set(vars(C.ClusterFuture()))
     # _Condition leaves out exactly the bound methods threading.Condition stores per instance.
-    assert set(vars(threading.Condition())) == {"_lock", "_waiters", "acquire", "release", "_release_save",
-                                                 "_acquire_restore", "_is_owned"}
+    bound = {"acquire", "release", "_release_save", "_acquire_restore", "_is_owned"}
+    if sys.version_info >= (3, 14):
+        bound.add("locked")
+    assert set(vars(threading.Condition())) == {"_lock", "_waiters"} | bound
+    assert set(vars(C._Condition())) == {"_lock", "_waiters"}
+    assert all(callable(getattr(C._Condition, name, None)) for name in bound)
+
+
+def test_a_future_condition_answers_what_a_threading_condition_answers():
+    mine, theirs = C.ClusterFuture()._condition, threading.Condition(threading.RLock())
+    for cond in (mine, theirs):
+        assert cond.acquire(timeout=1)
+        assert cond._is_owned()
+        if sys.version_info >= (3, 14):
+            assert cond.locked()
+        cond.release()
+        assert not cond._is_owned()
+        if sys.version_info >= (3, 14):
+            assert not cond.locked()
+        else:
+            assert not hasattr(cond, "locked")
 
 
 def test_set_result_wakes_result_wait_and_as_completed_and_runs_callbacks():
