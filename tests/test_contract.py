@@ -1167,15 +1167,18 @@ _SCRIPT = textwrap.dedent("""
     from clusterexec import ClusterExecutor
     import test_contract
 
-    kind, marker, mode = sys.argv[1:4]
-    ex = ProcessPoolExecutor(2) if kind == "process" else ClusterExecutor(max_workers=2)
-    assert list(ex.map(test_contract.square, range(4))) == [0, 1, 4, 9]
-    print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
-    if mode == "pending":
-        ex.submit(test_contract.touch_after, marker, 0.5)
-    elif mode == "hang":
-        time.sleep(60)
-    # exit with the executor still open
+    # The guard, as a script must have it for ProcessPoolExecutor where the start method is not fork
+    # (forkserver by default from Python 3.14): its processes import the main module again.
+    if __name__ == "__main__":
+        kind, marker, mode = sys.argv[1:4]
+        ex = ProcessPoolExecutor(2) if kind == "process" else ClusterExecutor(max_workers=2)
+        assert list(ex.map(test_contract.square, range(4))) == [0, 1, 4, 9]
+        print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
+        if mode == "pending":
+            ex.submit(test_contract.touch_after, marker, 0.5)
+        elif mode == "hang":
+            time.sleep(60)
+        # exit with the executor still open
 """)
 
 
