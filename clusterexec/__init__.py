@@ -23,6 +23,7 @@ from .errors import (  # noqa: E402
     TaskTimeout,
     VersionMismatch,
     WorkerLostError,
+    WorkersTerminated,
 )
 from .executor import ClusterExecutor  # noqa: E402
 
@@ -44,5 +45,6 @@ __all__ = [
     "TLSConfigError",
     "VersionMismatch",
     "WorkerLostError",
+    "WorkersTerminated",
     "__version__",
 ]

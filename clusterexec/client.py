@@ -58,6 +58,7 @@ from .errors import (
     TaskKilled,
     TaskTimeout,
     WorkerLostError,
+    WorkersTerminated,
 )
 from .progress import output_above_bars
 from .scheduler import DEFAULT_RETRIES
@@ -92,8 +93,8 @@ class PartialChunk:
 
 class _Condition(threading.Condition):
     """A Future's Condition without the bound methods of its lock that threading.Condition stores in each
-    instance (five, six from Python 3.14 with locked()): a Future is made per task, and while thousands are pending the garbage collector
-    traverses every one of those objects again and again."""
+    instance (five, six from Python 3.14 with locked()): a Future is made per task, and while thousands are
+    pending the garbage collector traverses every one of those objects again and again."""
 
     hook = None  # the Future of a task on a borrowed process: called when anyone but result() looks at it
 
@@ -188,7 +189,7 @@ class _Record:
         self.task = task
         self.state = UNSENT
         self.chunk = chunk
-        self.kill_requested = False
+        self.kill_requested: bool | str = False  # or why: "kill" or "terminate" (see kill())
 
 
 class _Lease:
@@ -541,20 +542,21 @@ class ClientConnection:
             raise ClusterUnavailable(f"the master did not answer a status request within {timeout} s")
         return box[0]
 
-    def kill(self, record: _Record) -> bool:
-        """Stop a task whether or not it started; its Future fails with TaskKilled."""
+    def kill(self, record: _Record, why: str = "kill") -> bool:
+        """Stop a task whether or not it started; its Future fails with TaskKilled (with WorkersTerminated,
+        also a BrokenProcessPool, when `why` is "terminate": ProcessPoolExecutor.terminate_workers())."""
         with self._lock:
             if record.state == UNSENT:
                 record.state = CANCELLED_HERE
                 record.task = None
                 unsent = True
             elif record.state == SENT and self.broken is None:
-                record.kill_requested = True
+                record.kill_requested = why
                 self._kill_out.append(record.id)
                 self._wake_locked()
                 return True
             elif record.state == LEASED and self.broken is None:
-                record.kill_requested = True
+                record.kill_requested = why
                 lease = self._lease
                 if lease is not None and lease.record is record:
                     self._tell_lender({"t": "kill", "pid": lease.pid, "task": _LEASE_IDS + record.id})
@@ -562,7 +564,7 @@ class ClientConnection:
             else:
                 return False
         if unsent:
-            _set_exception(record.future, TaskKilled("task was killed before it started"))
+            _set_exception(record.future, error_from_info("error", {"kind": "killed", "why": why}))
         return True
 
     def pending_futures(self) -> list[ClusterFuture]:
@@ -923,7 +925,8 @@ class ClientConnection:
             error = None
             opts = record.task.opts or {}
             if record.kill_requested:
-                error = error_from_info("error", dict(info, kind="killed", started=started))
+                error = error_from_info("error", dict(info, kind="killed", started=started,
+                                                      why=record.kill_requested))
             elif started and opts.get("retries", DEFAULT_RETRIES) < 1:
                 error = error_from_info("lost", info)
             if error is not None:
@@ -1413,7 +1416,10 @@ class ClientConnection:
             else:
                 _set_exception(future, exc)
             return
-        _set_exception(future, error_from_info(status, info or {}, bufs))
+        info = info or {}
+        if record.kill_requested and info.get("kind") == "killed":
+            info = dict(info, why=record.kill_requested)
+        _set_exception(future, error_from_info(status, info, bufs))
 
 
 class TaskOutput:
@@ -1490,6 +1496,9 @@ def error_from_info(status: str, info: dict[str, Any], bufs: list[Any] = ()) -> 
         return TaskTimeout(f"task exceeded its time limit of {info.get('timeout')} s {where}; "
                            "its process was killed")
     if kind == "killed":
+        if info.get("why") == "terminate":
+            return WorkersTerminated(f"terminate_workers() stopped the task while it ran {where}"
+                                     if info.get("started") else "terminate_workers() stopped the task")
         if info.get("started"):
             return TaskKilled(f"task was killed while running {where}")
         return TaskKilled("task was killed before it started")

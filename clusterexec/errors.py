@@ -24,6 +24,7 @@ __all__ = [
     "TaskTimeout",
     "VersionMismatch",
     "WorkerLostError",
+    "WorkersTerminated",
 ]
 
 
@@ -71,6 +72,13 @@ class TaskTimeout(ClusterError, TimeoutError):
 class TaskKilled(ClusterError, CancelledError):
     """The task was stopped by `ex.kill(future)` (or `terminate_workers()`); a running one had its process
     killed. Subclasses `concurrent.futures.CancelledError`."""
+
+
+class WorkersTerminated(TaskKilled, BrokenProcessPool):
+    """`terminate_workers()` or `kill_workers()` stopped the task, as its process was running it.
+
+    Also a `BrokenProcessPool`: what Python 3.14's `ProcessPoolExecutor` fails such tasks with, so
+    `except BrokenProcessPool:` written for it still catches this one."""
 
 
 class ClusterUnavailable(ClusterError, BrokenExecutor):

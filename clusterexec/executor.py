@@ -230,15 +230,17 @@ class ClusterExecutor(Executor):
         """Stop all of this executor's work at once and shut it down (as in Python 3.14's ProcessPoolExecutor).
 
         Queued tasks are cancelled and running ones killed; on a shared cluster only this executor's tasks
-        are touched. In local mode the private cluster is stopped. Pending Futures end cancelled or with
-        `TaskKilled`."""
+        are touched. In local mode the private cluster is stopped. Pending Futures end cancelled or, as
+        `ProcessPoolExecutor`'s running ones, with a `BrokenProcessPool`: `WorkersTerminated`, which is
+        also a `TaskKilled`."""
         with self._shutdown_lock:
             self._shutdown = True
         pending = self._conn.pending_futures()
         _cancel_all(pending)
         for future in pending:
-            if not future.done():
-                self.kill(future)
+            record = getattr(future, "_cx_record", None)
+            if record is not None and not future.done():
+                self._conn.kill(record, why="terminate")
         self.shutdown(wait=True)
 
     kill_workers = terminate_workers  # processes are always stopped with SIGKILL: there is no gentler way

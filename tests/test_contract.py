@@ -696,6 +696,34 @@ def test_cancel_is_honest_while_tasks_start_and_finish(make_executor, gate, seed
     assert any(answers.values())
 
 
+# ------------------------------------------------------------------------------------------ terminate_workers
+
+
+@pytest.mark.parametrize("stop", ["terminate_workers", "kill_workers"])
+def test_terminate_workers_fails_running_tasks_with_broken_process_pool_and_cancels_the_rest(make_executor, gate,
+                                                                                              stop):
+    if make_executor.kind == "process" and not hasattr(ProcessPoolExecutor, stop):
+        pytest.skip(f"ProcessPoolExecutor has no {stop}() on Python {sys.version_info[:2]}")
+    ex = make_executor()
+    busy = gate.occupy(ex)
+    markers = gate.markers(6)
+    queued = [ex.submit(touch, str(m)) for m in markers]
+    getattr(ex, stop)()
+    wait_until(lambda: all(f.done() for f in busy + queued), what="every future to be done")
+    for future in busy:
+        assert isinstance(future.exception(timeout=0), BrokenProcessPool)
+    for future, marker in zip(queued, markers, strict=True):
+        assert future.cancelled() or isinstance(future.exception(timeout=0), BrokenProcessPool)
+        assert not marker.exists(), "a queued task ran after terminate_workers()"
+    if is_cluster(make_executor):
+        assert all(f.cancelled() for f in queued)
+    else:
+        # ProcessPoolExecutor fails what it already moved to its call queue (max_workers + 1 items) as broken.
+        assert sum(f.cancelled() for f in queued) >= len(queued) - (ex._max_workers + 1)
+    with pytest.raises(RuntimeError):
+        ex.submit(square, 1)
+
+
 # ============================================================================================ options
 
 
