@@ -83,8 +83,9 @@ COMMAND_KEY_ADVICE = (f"give the master's key with --authkey-file FILE (or --aut
 
 
 def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike | None = None,
-                *, create: bool = False) -> tuple[bytes, str]:
-    """The key to use and a description of where it came from (for messages, never the key itself)."""
+                *, create: bool = False, advice: str = COMMAND_KEY_ADVICE) -> tuple[bytes, str]:
+    """The key to use and a description of where it came from (for messages, never the key itself).
+    `advice`: how the one asking can be given a key, should none be found."""
     if authkey is not None:
         key = _as_bytes(authkey)
         if not key:
@@ -114,10 +115,8 @@ def resolve_key(authkey: str | bytes | None = None, key_file: str | os.PathLike 
             return read_key_file(path), f"key file {path}"
         log.info("created key file %s", path)
         return key, f"key file {path} (new)"
-    raise MissingKeyError(
-        "no authentication key: pass authkey=... (or --authkey-file FILE), set "
-        f"{ENV_KEY}, or copy the master's key file to {path} (the master creates it when it first starts)"
-    )
+    raise MissingKeyError(f"no authentication key: {advice} (the master creates its key file when it first starts; "
+                          f"there is none at {path})")
 
 
 # ---------------------------------------------------------------------------------------------- TLS

@@ -85,7 +85,7 @@ class ClusterExecutor(Executor):
         key_advice = PROGRAM_KEY_ADVICE
         if address is not None:
             host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
-            key, where = resolve_key(authkey)
+            key, where = resolve_key(authkey, advice=PROGRAM_KEY_ADVICE)
             source = "authkey=" if authkey is not None else where
             key_advice = f"this program's key came from {source}; {PROGRAM_KEY_ADVICE}"
         self._by_value = S.send_by_value(modules)

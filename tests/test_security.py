@@ -384,6 +384,16 @@ def test_missing_key_file_makes_the_worker_exit_with_a_clear_message(cluster, tm
     assert proc.returncode != 0
     assert "no authentication key" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert "--authkey-file" in proc.stderr and "authkey=" not in proc.stderr  # what a command can be given
+
+
+def test_a_program_without_a_key_is_told_what_a_program_can_be_given(cluster, tmp_path, monkeypatch):
+    from clusterexec import MissingKeyError
+
+    monkeypatch.setenv("CLUSTEREXEC_AUTHKEY_FILE", str(tmp_path / "does-not-exist"))
+    with pytest.raises(MissingKeyError) as info:
+        ClusterExecutor(cluster.address)
+    assert "authkey=" in str(info.value) and "--authkey-file" not in str(info.value)
 
 
 # ================================================================================================ malformed input
