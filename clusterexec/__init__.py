@@ -5,11 +5,9 @@
         results = list(ex.map(simulate, parameters))
 """
 
-__version__ = "0.1.0"
-
-from .address import DEFAULT_PORT  # noqa: E402
-from .auth import MissingKeyError, TLSConfigError  # noqa: E402
-from .errors import (  # noqa: E402
+from .address import DEFAULT_PORT
+from .auth import MissingKeyError, TLSConfigError
+from .errors import (
     AuthenticationError,
     ClusterError,
     ClusterUnavailable,
@@ -25,7 +23,8 @@ from .errors import (  # noqa: E402
     WorkerLostError,
     WorkersTerminated,
 )
-from .executor import ClusterExecutor  # noqa: E402
+from .executor import ClusterExecutor
+from .version import __version__
 
 __all__ = [
     "DEFAULT_PORT",

@@ -43,10 +43,11 @@ from typing import Any
 
 import cloudpickle
 
-from . import __version__, shm
 from . import protocol as P
 from . import serialization as S
-from .auth import PROGRAM_KEY_ADVICE, tls_failure
+from . import shm
+from .address import DEFAULT_PORT, parse_address
+from .auth import COMMAND_KEY_ADVICE, PROGRAM_KEY_ADVICE, tls_failure
 from .errors import (
     ClusterError,
     ClusterUnavailable,
@@ -62,6 +63,7 @@ from .errors import (
 )
 from .progress import output_above_bars
 from .scheduler import DEFAULT_RETRIES
+from .version import __version__
 
 log = logging.getLogger("clusterexec.client")
 
@@ -1482,6 +1484,22 @@ class TaskOutput:
                     target.flush()
                 except (OSError, ValueError, AttributeError):
                     pass  # closed or missing: nowhere to write, and no reason to fail the tasks
+
+
+def fetch_status(address: str | tuple[str, int], key: bytes, *, timeout: float = 10.0, ssl_context: Any = None
+          ) -> dict[str, Any]:
+    """Ask the master at `address` for its status (connecting as a short-lived client, not listed), as
+    `python -m clusterexec.status` and the launchers do."""
+    host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
+    conn = ClientConnection(host_port, key, name="clusterexec.status", connect_timeout=timeout,
+                            ssl_context=ssl_context, key_advice=COMMAND_KEY_ADVICE)
+    try:
+        info = conn.status(timeout)
+    finally:
+        conn.close()
+    info["clients"] = [c for c in info.get("clients", []) if c.get("id") != conn.client_id]
+    info["address"] = f"{host_port[0]}:{host_port[1]}"
+    return info
 
 
 def error_from_info(status: str, info: dict[str, Any], bufs: list[Any] = ()) -> BaseException:

@@ -1,6 +1,6 @@
 """Local mode: a private master and worker node for one executor, on 127.0.0.1.
 
-    user process                              python -m clusterexec.local  (one child process)
+    user process                              clusterexec.master.run_local  (one child process)
     ClusterExecutor(max_workers=N)            ┌─────────────────────────────────────────────┐
       LocalCluster ──stdin: config, key──────▶│ Master on 127.0.0.1:0 + Agent, N task procs │
                    ◀──pipe: "port"────────────│                                             │
@@ -17,9 +17,7 @@ socket pair is inherited, so only this client can borrow; CLUSTEREXEC_LEND=0 tur
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import os
 import secrets
 import select
@@ -58,7 +56,7 @@ class LocalCluster:
                     self.lender, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                     passed += (theirs.fileno(),)
                 self.process = subprocess.Popen(
-                    [sys.executable, "-c", "from clusterexec.local import _main; _main()", *map(str, passed)],
+                    [sys.executable, "-c", "from clusterexec.master import run_local; run_local()", *map(str, passed)],
                     stdin=subprocess.PIPE, pass_fds=passed, close_fds=True)
             finally:
                 os.close(write_fd)
@@ -118,63 +116,3 @@ class LocalCluster:
             proc.wait()
         if self.shm_prefix:
             shm.remove_prefix(self.shm_prefix)
-
-
-# ---------------------------------------------------------------------------------------------- child
-
-
-async def _child(config: dict, port_fd: int, lender: socket.socket | None) -> None:
-    from .master import Master
-    from .worker import Agent
-
-    key = bytes.fromhex(config["key"])
-    prefix = config.get("shm_prefix")
-    if prefix:
-        os.environ[shm.ENV_PREFIX] = prefix  # for the task processes the agent forks
-    master = Master(key)
-    _, port = await master.start("127.0.0.1", 0)
-    agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
-    await agent.start(link=master.local_link(), lender=lender)
-    os.write(port_fd, f"{port}\n".encode())
-    os.close(port_fd)
-    loop = asyncio.get_running_loop()
-    parent_gone = asyncio.Event()
-    stdin = sys.stdin.buffer.raw
-
-    def on_stdin() -> None:
-        try:
-            data = os.read(stdin.fileno(), 4096)
-        except OSError:
-            data = b""
-        if not data:
-            parent_gone.set()
-
-    loop.add_reader(stdin.fileno(), on_stdin)
-    closed = asyncio.ensure_future(agent.closed.wait())
-    gone = asyncio.ensure_future(parent_gone.wait())
-    await asyncio.wait([closed, gone], return_when=asyncio.FIRST_COMPLETED)
-    loop.remove_reader(stdin.fileno())
-    await agent.stop()
-    master.close()
-    if prefix:
-        shm.remove_prefix(prefix)  # segments of results never collected, of a client that died
-
-
-def _main() -> None:
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C is for the user's program
-    # The user's Futures already carry every failure; the cluster's own warnings would only repeat them.
-    logging.getLogger("clusterexec").setLevel(logging.ERROR)
-    port_fd = int(sys.argv[1])
-    lender = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else None
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return
-    config = json.loads(line)
-    sys.path[:] = config["sys_path"]
-    asyncio.run(_child(config, port_fd, lender))
-
-
-if __name__ == "__main__":
-    _main()

@@ -39,12 +39,13 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import __version__
 from . import protocol as P
+from . import shm
 from .address import DEFAULT_PORT
 from .auth import MissingKeyError, TLSConfigError, add_tls_arguments, resolve_key, tls_from_arguments
 from .connection import OUTPUT_BACKLOG, FramedConnection, LinkEnd, backlog, local_link, loop_is_idle
 from .scheduler import Scheduler
+from .version import __version__
 
 log = logging.getLogger("clusterexec.master")
 
@@ -1158,6 +1159,61 @@ async def _serve(key: bytes, source: str, args: argparse.Namespace) -> int:
         await agent.stop()
     master.close()
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- local mode
+
+
+async def _run_local(config: dict, port_fd: int, lender: socket.socket | None) -> None:
+    from .worker import Agent
+
+    key = bytes.fromhex(config["key"])
+    prefix = config.get("shm_prefix")
+    if prefix:
+        os.environ[shm.ENV_PREFIX] = prefix  # for the task processes the agent forks
+    master = Master(key)
+    _, port = await master.start("127.0.0.1", 0)
+    agent = Agent(("127.0.0.1", port), key, nprocs=int(config["nprocs"]), connect_timeout=10)
+    await agent.start(link=master.local_link(), lender=lender)
+    os.write(port_fd, f"{port}\n".encode())
+    os.close(port_fd)
+    loop = asyncio.get_running_loop()
+    parent_gone = asyncio.Event()
+    stdin = sys.stdin.buffer.raw
+
+    def on_stdin() -> None:
+        try:
+            data = os.read(stdin.fileno(), 4096)
+        except OSError:
+            data = b""
+        if not data:
+            parent_gone.set()
+
+    loop.add_reader(stdin.fileno(), on_stdin)
+    closed = asyncio.ensure_future(agent.closed.wait())
+    gone = asyncio.ensure_future(parent_gone.wait())
+    await asyncio.wait([closed, gone], return_when=asyncio.FIRST_COMPLETED)
+    loop.remove_reader(stdin.fileno())
+    await agent.stop()
+    master.close()
+    if prefix:
+        shm.remove_prefix(prefix)  # segments of results never collected, of a client that died
+
+
+def run_local() -> None:
+    """The child process of a local-mode executor (see local.LocalCluster): a master on 127.0.0.1 and one node in
+    its event loop, until the executor closes our stdin (or its process ends, which closes it too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the user's Ctrl-C is for the user's program
+    # The user's Futures already carry every failure; the cluster's own warnings would only repeat them.
+    logging.getLogger("clusterexec").setLevel(logging.ERROR)
+    port_fd = int(sys.argv[1])
+    lender = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else None
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return
+    config = json.loads(line)
+    sys.path[:] = config["sys_path"]
+    asyncio.run(_run_local(config, port_fd, lender))
 
 
 if __name__ == "__main__":

@@ -503,7 +503,7 @@ def status(name: str | None = None, state_dir: str | os.PathLike | None = None,
         result["error"] = f"the master job is {jobs[cluster.master_job].state}"
     else:
         from .auth import resolve_key
-        from .status import fetch
+        from .client import fetch_status as fetch
 
         try:
             key, _ = resolve_key(None, cluster.authkey_file)

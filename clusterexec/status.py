@@ -19,26 +19,10 @@ import os
 import sys
 from typing import Any
 
-from .address import DEFAULT_PORT, parse_address
-from .auth import COMMAND_KEY_ADVICE, MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
+from .address import DEFAULT_PORT
+from .auth import MissingKeyError, add_tls_arguments, resolve_key, tls_from_arguments
+from .client import fetch_status as fetch
 from .errors import ClusterError
-
-
-def fetch(address: str | tuple[str, int], key: bytes, *, timeout: float = 10.0, ssl_context: Any = None
-          ) -> dict[str, Any]:
-    """Ask the master at `address` for its status (connecting as a short-lived client, not listed)."""
-    from .client import ClientConnection
-
-    host_port = parse_address(address, DEFAULT_PORT) if isinstance(address, str) else tuple(address)
-    conn = ClientConnection(host_port, key, name="clusterexec.status", connect_timeout=timeout,
-                            ssl_context=ssl_context, key_advice=COMMAND_KEY_ADVICE)
-    try:
-        info = conn.status(timeout)
-    finally:
-        conn.close()
-    info["clients"] = [c for c in info.get("clients", []) if c.get("id") != conn.client_id]
-    info["address"] = f"{host_port[0]}:{host_port[1]}"
-    return info
 
 
 def render(info: dict[str, Any]) -> str:
