@@ -627,8 +627,12 @@ class ClientConnection:
                     self._lender.close()
                     self._lender = None
                 return
-            msg = json.loads(data)
-            kind = msg.get("t")
+            try:
+                msg = json.loads(data)
+                kind = P.check_message("lender", msg)
+            except (ValueError, RecursionError, P.ProtocolError) as e:  # (our own agent: a bug, not an attack)
+                log.warning("ignored a malformed message from the local agent: %s", e)
+                kind = None
             if kind == "lent" and fds:
                 fd = fds.pop()
                 os.set_inheritable(fd, False)  # (a subprocess the user starts must not hold it)
@@ -1301,8 +1305,8 @@ class ClientConnection:
 
     def _handle(self, messages: list[P.Message]) -> None:
         for msg in messages:
-            t = msg.type
             h = msg.header
+            t = P.check_message("master", h)
             if t == "results":
                 items = h["items"]
                 if self._session is not None:

@@ -317,13 +317,16 @@ class Master:
             try:
                 kind = conn.state[0] if conn.state else None
                 if kind == "client":
+                    P.check_message("client", msg.header)
                     self._client_message(conn.state[1], msg)
                 elif kind == "node":
+                    P.check_message("node", msg.header)
                     self._node_message(conn.state[1], msg)
-                elif msg.type == "hello":
+                elif msg.header.get("t") == "hello":
+                    P.check_message("node" if msg.header.get("role") == "worker" else "client", msg.header)
                     self._hello(conn, msg.header)
                 else:
-                    raise P.ProtocolError(f"expected hello, got {msg.type!r}")
+                    raise P.ProtocolError(f"expected hello, got {msg.header.get('t')!r}")
             except (LookupError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
                 raise P.ProtocolError(f"malformed {msg.type!r} message: {type(e).__name__}: {e}") from None
             if conn.closed:

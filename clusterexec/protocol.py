@@ -117,6 +117,82 @@ def task_error(task: Task) -> str | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------- messages
+
+# Every message that travels after the handshake, declared once: (who sends it, its type "t") → its fields and
+# the JSON type each must have ("name?" for a field that may be missing). The roles: "client" (an executor, or
+# the status command), "master", "node" (a worker node's agent), "lender" (the local-mode agent, on the
+# channel over which it lends a client an idle task process) and "borrower" (that client, on the same channel).
+# A process run as a task process speaks "run"/"results"/"output" with whoever holds its socket (see worker.py).
+# Receivers check what they are sent with `check_message` before they read a field.
+_INT, _NUM, _STR, _LIST, _DICT = int, (int, float), str, list, dict
+MESSAGES: dict[tuple[str, str], dict[str, Any]] = {
+    # client → master
+    ("client", "hello"): {"role": _STR, "name?": _STR, "host?": _STR, "pid?": _INT, "python?": _STR,
+                          "cloudpickle?": _STR, "version?": _STR, "compat_wait?": _NUM, "acks?": _INT,
+                          "resume?": _DICT},
+    ("client", "submit"): {"tasks": _LIST},
+    ("client", "cancel"): {"req": _INT, "ids": _LIST},
+    ("client", "kill"): {"ids": _LIST},
+    ("client", "status"): {},
+    ("client", "got"): {"n": _INT},  # results of its session received so far (see master.Master._resume)
+    # node → master
+    ("node", "hello"): {"role": _STR, "nprocs": _INT},
+    ("node", "results"): {"items": _LIST},
+    ("node", "output"): {"items": _LIST},
+    ("node", "started"): {"ids": _LIST},
+    ("node", "pong"): {},
+    ("node", "prefetch"): {"n": _INT, "back?": _LIST},
+    ("node", "leaving"): {"ids": _LIST},
+    ("node", "cancel_reply"): {"key": _INT, "cancelled": _LIST, "refused": _LIST},
+    # master → client, node or status command
+    ("master", "welcome"): {"id": _INT, "heartbeat?": _LIST, "max_frame?": _INT, "procs?": _INT, "nodes?": _INT,
+                            "version?": _STR, "session?": (str, type(None)), "resumed?": bool},
+    ("master", "results"): {"items": _LIST},
+    ("master", "output"): {"items": _LIST},
+    ("master", "started"): {"ids": _LIST},
+    ("master", "cancel_reply"): {"req": _INT, "cancelled": _LIST, "refused": _LIST},
+    ("master", "status"): {},  # (what Master.status() returns, read by the status command and cluster_info())
+    ("master", "notice"): {"text": _STR},
+    ("master", "shutdown"): {"reason?": _STR},
+    ("master", "ping"): {},
+    ("master", "tasks"): {"tasks": _LIST},
+    ("master", "cancel"): {"key": _INT, "ids": _LIST},
+    ("master", "kill"): {"ids": _LIST},
+    ("master", "drop"): {"ids": _LIST},
+    # the local-mode agent and its client, on the lender channel (see worker.Agent._lend, client._Lease)
+    ("borrower", "lend"): {},
+    ("borrower", "return"): {"pid": _INT, "sent": _LIST},
+    ("borrower", "kill"): {"pid": _INT, "task?": _INT},
+    ("lender", "lent"): {"pid": _INT, "host": _STR, "sent": _LIST},
+    ("lender", "no"): {},
+    ("lender", "died"): {"pid": _INT, "task?": (int, type(None)), "info?": (dict, type(None))},
+}
+
+
+def check_message(sender: str, header: Any) -> str:
+    """The type of a message from `sender`, once its header has every field `MESSAGES` declares for it, each of
+    the right type; raises `ProtocolError` otherwise (the receiver closes that connection, and only that one)."""
+    if type(header) is not dict:
+        raise ProtocolError(f"a message header must be a JSON object, not {type(header).__name__}")
+    kind = header.get("t")
+    fields = MESSAGES.get((sender, kind)) if type(kind) is str else None
+    if fields is None:
+        raise ProtocolError(f"unknown message type {kind!r} from a {sender}")
+    for name, types in fields.items():
+        optional = name.endswith("?")
+        name = name.rstrip("?")
+        if name not in header:
+            if optional:
+                continue
+            raise ProtocolError(f"{kind!r} message from a {sender} without its field {name!r}")
+        value = header[name]
+        if not isinstance(value, types) or (type(value) is bool and types in (_INT, _NUM)):
+            raise ProtocolError(f"{kind!r} message from a {sender}: field {name!r} has the wrong type "
+                                f"({type(value).__name__})")
+    return kind
+
+
 # ---------------------------------------------------------------------------------------------- handshake
 
 

@@ -225,3 +225,39 @@ def test_a_peer_claiming_a_huge_frame_does_not_make_the_reader_reserve_it():
     claim = struct.pack("!HI", 1, 2) + struct.pack("!Q", 3 << 30) + b"{}"
     reader.feed(claim + b"x" * 100_000)
     assert reader._frame is None and reader.buffered < 200_000
+
+
+# ---------------------------------------------------------------------------------------------- message table
+
+
+def test_every_declared_message_with_its_fields_passes_the_check():
+    samples = {int: 1, float: 1.5, str: "x", list: [], dict: {}, bool: True}
+    for (sender, kind), fields in P.MESSAGES.items():
+        header = {"t": kind}
+        for name, types in fields.items():
+            first = types[0] if isinstance(types, tuple) else types
+            header[name.rstrip("?")] = samples[first]
+        assert P.check_message(sender, header) == kind
+
+
+def test_a_message_missing_a_field_or_with_a_field_of_the_wrong_type_is_a_protocol_error():
+    with pytest.raises(P.ProtocolError, match="without its field 'ids'"):
+        P.check_message("client", {"t": "kill"})
+    with pytest.raises(P.ProtocolError, match="'req' has the wrong type"):
+        P.check_message("client", {"t": "cancel", "req": "1", "ids": []})
+    with pytest.raises(P.ProtocolError, match="'n' has the wrong type"):
+        P.check_message("client", {"t": "got", "n": True})  # (a bool is no count)
+
+
+def test_a_message_a_peer_of_that_role_never_sends_is_a_protocol_error():
+    with pytest.raises(P.ProtocolError, match="unknown message type 'tasks' from a client"):
+        P.check_message("client", {"t": "tasks", "tasks": []})  # (only the master hands out tasks)
+    with pytest.raises(P.ProtocolError, match="unknown message type None"):
+        P.check_message("node", {"ids": []})
+    with pytest.raises(P.ProtocolError, match="JSON object"):
+        P.check_message("master", ["t", "ping"])
+
+
+def test_optional_fields_may_be_missing():
+    assert P.check_message("node", {"t": "prefetch", "n": 3}) == "prefetch"
+    assert P.check_message("master", {"t": "welcome", "id": 1}) == "welcome"
