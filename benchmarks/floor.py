@@ -15,7 +15,7 @@ scheduling, asyncio). Compare with `python benchmarks/run.py --only roundtrip`.
 
 Two more rows sketch a local mode without the master and agent in between: the client's own pieces
 (function blob, cloudpickle arguments, "run" and "results" frames, a ClusterFuture) talking straight to a
-real task process (`worker._TaskRunner`) over a socketpair; the task sent by the IO thread as today, or
+real task process (`task_process.TaskRunner`) over a socketpair; the task sent by the IO thread as today, or
 by the caller itself. What they lack (scheduling, kills, time limits, crash reports, output) is what such
 a design would have to add back without giving up their speed.
 """
@@ -38,7 +38,7 @@ from workloads import noop
 from clusterexec import protocol as P
 from clusterexec import serialization as S
 from clusterexec.client import ClusterFuture, _set_result
-from clusterexec.worker import _TaskRunner
+from clusterexec.task_process import TaskRunner
 
 MESSAGE = b"x" * 60
 
@@ -144,7 +144,7 @@ def parts_chain(rounds: int, caller_sends: bool) -> float:
     if pid == 0:
         near.close()
         try:
-            _TaskRunner(far, mmap.mmap(-1, 16), None).serve()
+            TaskRunner(far, mmap.mmap(-1, 16), None).serve()
         finally:
             os._exit(0)
     far.close()

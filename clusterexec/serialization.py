@@ -429,7 +429,7 @@ def _shown(sources: Sources | None) -> Iterator[None]:
                 linecache.cache[filename] = entry
 
 
-_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
+_RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "task_process.py")
 
 
 def _user_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
