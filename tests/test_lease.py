@@ -1,7 +1,7 @@
 """Local mode's short cut: a task submitted while the executor has nothing else in flight runs on a task
 process the client borrows from its agent, without the hops through the master (client.py, `_Lease`;
-worker.py, `Agent._on_lender`). Everything a user relies on must hold there as on the master's path: every
-way of waiting for a Future, crashes and retries, kills, output, shared memory, the function cache, and
+supervisor.py, `Supervisor._on_lender`). Everything a user relies on must hold there as on the master's path:
+every way of waiting for a Future, crashes and retries, kills, output, shared memory, the function cache, and
 sharing the processes with tasks that go through the master.
 
 Each test first makes sure the executor holds a process (`borrowing`) and that its task really went the
