@@ -31,7 +31,8 @@ from .address import DEFAULT_PORT, parse_address
 from .auth import PROGRAM_KEY_ADVICE, resolve_key
 from .client import ClientConnection, ClusterFuture, PartialChunk
 from .errors import ClusterError, SerializationError
-from .local import LocalCluster, default_nprocs
+from .local import LocalCluster
+from .node_state import default_nprocs
 
 
 class ClusterExecutor(Executor):

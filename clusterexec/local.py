@@ -6,7 +6,7 @@
                    ◀──pipe: "port"────────────│                                             │
       ClientConnection ═══TCP, authenticated═▶│                                             │
         lender ◀═══Unix socket pair══════════▶│ Agent lends an idle task process: its socket │
-        └─▶ a borrowed task process's socket  │ goes to the client (see worker.Agent._lend)  │
+        └─▶ a borrowed task process's socket  │ goes to the client (see supervisor.py)       │
       stdin closed (shutdown, GC, exit, or   ─▶ stops: kills its task processes, exits      │
       even SIGKILL of the user process)       └─────────────────────────────────────────────┘
 
@@ -30,12 +30,6 @@ from . import shm
 from .errors import ClusterUnavailable
 
 
-def default_nprocs() -> int:
-    """Task processes per node when not told: the CPUs this process may use."""
-    counter = getattr(os, "process_cpu_count", None) or os.cpu_count
-    return counter() or 1
-
-
 class LocalCluster:
     """Start and stop the private master and node of a local-mode executor."""
 
@@ -44,7 +38,7 @@ class LocalCluster:
         self.nprocs = nprocs
         # Large arguments and results go through shared memory rather than the sockets (see shm.py).
         self.shm_prefix = shm.new_prefix() if shm.available() else None
-        # The client borrows idle task processes from the agent over a socket pair (see worker.Agent._on_lender).
+        # The client borrows idle task processes from the agent over a socket pair (see supervisor.py).
         self.lender: socket.socket | None = None
         read_fd = -1
         try:
