@@ -585,3 +585,24 @@ def test_losing_the_master_forgets_its_tasks_and_kills_the_processes_running_the
     assert list(node.queue) == [] and node.prefetch_asked == 0
     died(node, a, running=1)
     assert result_ids(node) == []
+
+
+# ---------------------------------------------------------------------------------------------- shape
+
+
+def test_the_node_core_does_no_io_of_its_own():
+    """No sockets, processes, signals, clock or event loop in node_state.py: the agent does all of that."""
+    import ast
+    import pathlib
+
+    import clusterexec.node_state as module
+
+    tree = ast.parse(pathlib.Path(module.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert not imported & {"socket", "asyncio", "subprocess", "signal", "select", "time", "threading", "mmap"}
+    used_of_os = {node.attr for node in ast.walk(tree)
+                  if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "os"}
+    assert used_of_os <= {"cpu_count"}  # (default_nprocs; process_cpu_count is looked up by name)
