@@ -250,14 +250,14 @@ class Supervisor:
             return
         try:
             msg = json.loads(data)
-            kind = msg["t"]
+            kind = P.check_message("borrower", msg)
             if kind == "lend":
                 self._lend()
             elif kind == "return":
                 self._take_back(self.node.procs.get(msg["pid"]), msg["sent"])
             elif kind == "kill":
                 self._kill_lent(self.node.procs.get(msg["pid"]), int(msg["task"]) if "task" in msg else None)
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, RecursionError, P.ProtocolError) as e:
             log.warning("malformed message from the local client: %s", e)
 
     def _lend(self) -> None:

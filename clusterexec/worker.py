@@ -272,8 +272,8 @@ class Agent:
             return
         self._last_heard = self._loop.time()
         for msg in messages:
-            t = msg.type
             h = msg.header
+            t = P.check_message("master", h)
             try:
                 if t == "tasks":
                     back = self.node.tasks_arrived(P.decode_tasks(h["tasks"], msg.buffers, self.cache))
