@@ -318,6 +318,8 @@ def test_ctrl_c_in_result_leaves_the_task_to_finish(ex, tmp_path):
     go = tmp_path / "go"
     future = leased(ex, wait_for_file, str(go))
     pid = ex._conn._lease.pid
+    # (A shell starts a background job with SIGINT ignored, and Python then leaves it so: say what Ctrl-C does.)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -325,6 +327,7 @@ def test_ctrl_c_in_result_leaves_the_task_to_finish(ex, tmp_path):
             future.result(timeout=30)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert not future.done()
     go.touch()
     assert future.result(timeout=30) == pid
