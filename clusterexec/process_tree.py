@@ -15,17 +15,23 @@ import os
 import signal
 import sys
 
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
-def become_subreaper() -> None:
-    """Orphans of our descendants come to us instead of init (PR_SET_CHILD_SUBREAPER); not inherited."""
+
+def prctl(option: int, value: int) -> None:
+    """Linux's prctl(2) for this process, where there is one (elsewhere, or if it fails, nothing happens)."""
     if sys.platform != "linux":
         return
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_CHILD_SUBREAPER = 36
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def become_subreaper() -> None:
+    """Orphans of our descendants come to us instead of init (PR_SET_CHILD_SUBREAPER); not inherited."""
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def children(pid: int) -> list[int]:

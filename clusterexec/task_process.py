@@ -14,7 +14,6 @@ goes out (see _stop_leftovers). It dies with its agent (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import gc
 import itertools
@@ -35,18 +34,11 @@ from typing import Any
 from . import protocol as P
 from . import serialization as S
 from . import shm
-from .process_tree import become_subreaper, children, kill_quietly
+from .process_tree import PR_SET_PDEATHSIG, become_subreaper, children, kill_quietly, prctl
 
 
 def _set_parent_death_signal() -> None:
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # (the agent gone, killed even: so are we)
 
 
 # What a task process is doing, written to a few bytes of memory it shares with its agent, so that when

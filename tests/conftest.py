@@ -220,6 +220,17 @@ def reap(proc: subprocess.Popen) -> None:
             pipe.close()
 
 
+def stop_gently(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM a process the test started, if it still runs; kill it if it is not gone within `grace`."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def is_gone(pid: int) -> bool:
     """The process has exited (or is a zombie nobody has reaped yet)."""
     import psutil

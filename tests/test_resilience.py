@@ -27,7 +27,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Cluster, _env, agent_children, is_gone, read_frame, reap, recv_exact, wait_until
+from conftest import Cluster, _env, agent_children, is_gone, read_frame, reap, recv_exact, stop_gently, wait_until
 
 from clusterexec import (
     ClusterExecutor,
@@ -1161,13 +1161,8 @@ def test_partitioned_node_is_given_up_on_its_tasks_rerun_and_it_rejoins_when_the
             assert all(calls[i] == 1 for i in range(n)), calls
             assert _our_client(ex.cluster_info(), "partition-test")["done"] == n
     finally:
-        if cut_off is not None and cut_off.poll() is None:
-            cut_off.send_signal(signal.SIGTERM)
-            try:
-                cut_off.wait(10)
-            except subprocess.TimeoutExpired:
-                cut_off.kill()
-                cut_off.wait()
+        if cut_off is not None:
+            stop_gently(cut_off)
         cluster.stop()
 
 
@@ -1215,13 +1210,8 @@ def test_a_node_cut_off_past_the_kernels_last_syn_rejoins_within_2_s_of_the_heal
         assert "Traceback" not in _read(log_path)
     finally:
         netns.let_traffic_through()
-        if node is not None and node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(10)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
+        if node is not None:
+            stop_gently(node)
         cluster.stop()
 
 
